@@ -1,0 +1,5 @@
+import sys
+
+from fsbridge.cli import main
+
+sys.exit(main())

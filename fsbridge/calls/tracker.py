@@ -1,0 +1,310 @@
+"""The call model: channel events in, call events and finished calls out.
+
+A customer call is the set of legs joined to it by origination (a leg created on behalf
+of another) and by bridges. Its id is its first leg's uuid: the customer's leg for an
+inbound call, the manager's for one the manager dialled or clicked. Legs are classified
+on their own (legs.py), so a ring group, a transfer or a pickup only adds manager legs
+to the call the customer is in.
+
+Everything here is CPU-only and runs on the ESL reading path: no I/O, no waiting.
+Results go to the two callbacks, which must only enqueue.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from fsbridge.calls import outcome
+from fsbridge.calls.legs import CUSTOMER, MANAGER, Directory, Leg, classify
+from fsbridge.calls.model import CallEvent, FinishedCall
+from fsbridge.esl.protocol import Event
+
+log = logging.getLogger("fsbridge.calls")
+
+_RINGING = frozenset({"CHANNEL_PROGRESS", "CHANNEL_PROGRESS_MEDIA", "CHANNEL_ANSWER"})
+# Events that show a channel is alive; others about a channel we do not know (a late
+# DESTROY after the call was closed) must not resurrect it.
+_ALIVE = _RINGING | {"CHANNEL_CREATE", "CHANNEL_BRIDGE"}
+# How a new leg names the leg it was created for.
+_PARENT_VARIABLES = ("variable_originating_leg_uuid", "variable_cc_member_session_uuid",
+                     "variable_fifo_bridge_uuid")
+
+
+@dataclass(slots=True, eq=False)
+class Call:
+    id: str
+    direction: str                      # "in" | "out" | "" while it is not a customer call yet
+    start_us: int
+    legs: list[Leg] = field(default_factory=list)
+    phone: str = ""
+    external_phone: str | None = None
+    site: str | None = None
+    announced: list[str] = field(default_factory=list)   # codes that got a card, in order
+    rang: list[str] = field(default_factory=list)        # codes whose phone rang, in order
+    talked: str | None = None                            # the last manager bridged to the customer
+    bridge_us: int = 0
+    recording_path: str | None = None
+    recording_ms: int | None = None
+    clicked: bool = False                                # originated by fsbridge (click-to-call)
+
+    def customer(self) -> Leg | None:
+        return next((leg for leg in self.legs if leg.role == CUSTOMER), None)
+
+    def managers(self) -> list[Leg]:
+        return [leg for leg in self.legs if leg.role == MANAGER]
+
+
+@dataclass(frozen=True, slots=True)
+class ExpectedCall:
+    """A click-to-call fsbridge started: the first leg's uuid is known before FreeSWITCH creates it."""
+
+    phone: str
+    code: str
+    external_phone: str | None = None
+
+
+class CallTracker:
+    def __init__(self, directory: Directory, on_event: Callable[[CallEvent], None],
+                 on_finished: Callable[[FinishedCall], None]) -> None:
+        self.directory = directory
+        self.on_event = on_event
+        self.on_finished = on_finished
+        self.legs: dict[str, Leg] = {}
+        self.expected: dict[str, ExpectedCall] = {}
+        self.seen = 0               # channel events handled; orders reconciliation against events
+        self.calls_finished = 0
+        self.closed_by_reconcile = 0
+        self._handlers: dict[str, Callable[[Event, Leg], None]] = {
+            "CHANNEL_PROGRESS": self._ringing,
+            "CHANNEL_PROGRESS_MEDIA": self._ringing,
+            "CHANNEL_ANSWER": self._ringing,
+            "CHANNEL_BRIDGE": self._bridge,
+            "CHANNEL_HANGUP_COMPLETE": self._hangup_complete,
+            "CHANNEL_DESTROY": self._destroy,
+            "RECORD_STOP": self._record_stop,
+        }
+
+    @property
+    def calls(self) -> int:
+        return len({id(leg.call) for leg in self.legs.values() if leg.call is not None})
+
+    def expect(self, uuid: str, call: ExpectedCall) -> None:
+        self.expected[uuid] = call
+
+    def forget_expected(self, uuid: str) -> None:
+        self.expected.pop(uuid, None)
+
+    # -- events --
+
+    def handle(self, ev: Event) -> None:
+        name = ev.get("Event-Name", "")
+        uuid = ev.get("Unique-ID")
+        if not uuid:
+            return
+        self.seen += 1
+        leg = self.legs.get(uuid)
+        if leg is None:
+            if name not in _ALIVE:
+                return
+            leg = self._new_leg(ev)
+        leg.last_seen = self.seen
+        handler = self._handlers.get(name)
+        if handler is not None:
+            handler(ev, leg)
+
+    def _new_leg(self, ev: Event) -> Leg:
+        created = _int(ev.get("Caller-Channel-Created-Time")) or _int(ev.get("Event-Date-Timestamp"))
+        leg = classify(ev, self.directory, created)
+        self.legs[leg.uuid] = leg
+        parent = self._parent_of(ev)
+        if parent is not None and parent.call is not None:
+            self._join(parent.call, leg)
+        else:
+            call = Call(id=leg.uuid, direction="", start_us=created)
+            expected = self.expected.pop(leg.uuid, None)
+            if expected is not None:
+                call.clicked = True
+                call.phone = expected.phone
+                call.external_phone = expected.external_phone
+                call.site = self.directory.site_of(expected.external_phone)
+            self._join(call, leg)
+        return leg
+
+    def _parent_of(self, ev: Event) -> Leg | None:
+        if ev.get("Other-Type") == "originator":
+            parent = self.legs.get(ev.get("Other-Leg-Unique-ID", ""))
+            if parent is not None:
+                return parent
+        for var in _PARENT_VARIABLES:
+            parent = self.legs.get(ev.get(var, ""))
+            if parent is not None:
+                return parent
+        return None
+
+    def _join(self, call: Call, leg: Leg) -> None:
+        if leg.call is not None and leg.call is not call:
+            leg.call.legs.remove(leg)
+        leg.call = call
+        call.legs.append(leg)
+        if call.direction:
+            return
+        first = call.legs[0]
+        if first.role == CUSTOMER and first.inbound and not call.clicked:
+            # The customer called us: a card pops when a manager's phone rings.
+            call.direction = "in"
+            call.phone = first.number
+            call.external_phone = self.directory.external(first.dialled)
+            call.site = self.directory.site_of(first.dialled)
+            return
+        manager = next((lg for lg in call.legs if lg.role == MANAGER), None)
+        customer = call.customer()
+        if manager is not None and (customer is not None or call.clicked):
+            # A manager's call to a customer has started (dialled, or clicked in the CRM).
+            call.direction = "out"
+            if customer is not None and not call.clicked:
+                call.phone = customer.number
+                call.external_phone = self.directory.external(customer.caller_id)
+                call.site = self.directory.site_of(call.external_phone)
+            self._announce(call, "out", [manager.code or ""])
+
+    def _ringing(self, ev: Event, leg: Leg) -> None:
+        if leg.role != MANAGER or leg.rang or leg.call is None:
+            return
+        leg.rang = True
+        call = leg.call
+        call.rang.append(leg.code or "")
+        if call.direction == "in":
+            # Every leg of a simultaneous ring group exists before any of them rings, so
+            # the first ring announces them all in one event.
+            fresh = [lg.code for lg in call.managers()
+                     if not lg.ended and lg.code and lg.code not in call.announced]
+            self._announce(call, "in", fresh)
+
+    def _bridge(self, ev: Event, leg: Leg) -> None:
+        a = self.legs.get(ev.get("Bridge-A-Unique-ID", ""))
+        b = self.legs.get(ev.get("Bridge-B-Unique-ID", ""))
+        if a is None or b is None:
+            return
+        a.peers.add(b.uuid)
+        b.peers.add(a.uuid)
+        roles = {a.role: a, b.role: b}
+        customer, manager = roles.get(CUSTOMER), roles.get(MANAGER)
+        if customer is None or manager is None:
+            return
+        call = customer.call if customer.call is not None and customer.call.direction else manager.call
+        if call is None:
+            return
+        for other in (customer, manager):
+            if other.call is not call:
+                # A transfer or pickup brought a leg of another (internal) call to this customer.
+                self._join(call, other)
+        if not call.direction:
+            return
+        call.talked = manager.code
+        if not call.bridge_us:
+            call.bridge_us = _int(ev.get("Event-Date-Timestamp"))
+        if manager.code and manager.code not in call.rang:
+            call.rang.append(manager.code)
+        if call.direction == "in" and manager.code and manager.code not in call.announced:
+            self._announce(call, "in", [manager.code])
+
+    def _record_stop(self, ev: Event, leg: Leg) -> None:
+        if leg.call is None:
+            return
+        path = ev.get("Record-File-Path") or ev.get("variable_record_file_path")
+        if path:
+            leg.call.recording_path = path
+            ms = ev.get("variable_record_ms") or ev.get("variable_record_seconds")
+            if ms and ms.isdigit():
+                leg.call.recording_ms = int(ms) if ev.get("variable_record_ms") else int(ms) * 1000
+
+    def _hangup_complete(self, ev: Event, leg: Leg) -> None:
+        end = _int(ev.get("variable_end_uepoch")) or _int(ev.get("Event-Date-Timestamp"))
+        self._end_leg(leg, ev.get("Hangup-Cause") or ev.get("variable_hangup_cause") or "", end)
+
+    def _destroy(self, ev: Event, leg: Leg) -> None:
+        if not leg.ended:
+            # HANGUP_COMPLETE was lost; DESTROY is the last word on a channel.
+            self._end_leg(leg, ev.get("Hangup-Cause", ""), _int(ev.get("Event-Date-Timestamp")))
+        self.legs.pop(leg.uuid, None)
+
+    # -- ending --
+
+    def _end_leg(self, leg: Leg, cause: str, end_us: int) -> None:
+        if leg.ended:
+            return
+        leg.ended = True
+        leg.hangup_cause = cause
+        leg.end_us = end_us or int(time.time() * 1e6)
+        call = leg.call
+        if call is not None and all(lg.ended for lg in call.legs):
+            self._finish(call)
+
+    def _finish(self, call: Call) -> None:
+        for leg in call.legs:
+            # Late events of these channels (DESTROY) find nothing and are ignored.
+            if self.legs.get(leg.uuid) is leg:
+                del self.legs[leg.uuid]
+            leg.call = None
+        if not call.direction or not call.phone:
+            return
+        self.calls_finished += 1
+        answered = call.talked is not None
+        first = call.legs[0]
+        if answered:
+            result = outcome.ANSWERED
+            cause = first.hangup_cause
+        else:
+            counterparts = [lg for lg in call.legs if lg is not first and lg.role != first.role]
+            result = outcome.unanswered_outcome([lg.hangup_cause for lg in counterparts], first.hangup_cause)
+            telling = [lg.hangup_cause for lg in counterparts
+                       if lg.hangup_cause and lg.hangup_cause not in outcome.NOT_THE_CALLS_END]
+            cause = telling[-1] if telling else first.hangup_cause
+        if call.announced:
+            self._emit(call, "hangup", list(call.announced), result.hangup_status)
+        if call.direction == "out":
+            dialler = next((lg.code for lg in call.managers() if lg.code), None)
+            code = call.talked or dialler
+        else:
+            code = call.talked or (call.rang[-1] if call.rang else None)
+        codes = tuple(dict.fromkeys(call.announced + call.rang))
+        self.on_finished(FinishedCall(
+            call_id=call.id, direction=call.direction, phone=call.phone, manager_code=code, codes=codes,
+            answered=answered, result=result.result, hangup_status=result.hangup_status, hangup_cause=cause,
+            start_us=call.start_us, answer_us=call.bridge_us or None,
+            end_us=max(lg.end_us for lg in call.legs), external_phone=call.external_phone, site=call.site,
+            recording_path=call.recording_path, recording_ms=call.recording_ms))
+
+    def _announce(self, call: Call, kind: str, codes: list[str]) -> None:
+        codes = [c for c in codes if c and c not in call.announced]
+        if not codes or not call.phone:
+            return
+        call.announced.extend(codes)
+        self._emit(call, kind, codes, None)
+
+    def _emit(self, call: Call, kind: str, codes: list[str], status: str | None) -> None:
+        self.on_event(CallEvent(type=kind, phone=call.phone, codes=tuple(codes), call_id=call.id,
+                                external_phone=call.external_phone, site=call.site, hangup_status=status))
+
+    # -- after a reconnect, or periodically --
+
+    def reconcile(self, live: set[str], snapshot: int) -> int:
+        """Close legs FreeSWITCH no longer has. `snapshot` is `self.seen` when the channel
+        list was requested: legs touched after that may be newer than the list."""
+        gone = [leg for leg in list(self.legs.values())
+                if not leg.ended and leg.uuid not in live and leg.last_seen <= snapshot]
+        now = int(time.time() * 1e6)
+        for leg in gone:
+            self._end_leg(leg, leg.hangup_cause or "", now)
+            self.legs.pop(leg.uuid, None)
+        if gone:
+            self.closed_by_reconcile += len(gone)
+            log.warning("reconciled %d channel(s) that ended while events were not arriving", len(gone))
+        return len(gone)
+
+
+def _int(text: str | None) -> int:
+    return int(text) if text and text.isdigit() else 0

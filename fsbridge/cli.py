@@ -1,0 +1,102 @@
+"""The `fsbridge` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from fsbridge import __version__
+from fsbridge.config import Config, ConfigError, load
+
+log = logging.getLogger("fsbridge")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # urllib3 logs full URLs (with the manager lookup's phone numbers) at DEBUG; keep it quiet.
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
+
+
+def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
+    import signal
+
+    import gevent
+    import gevent.event
+
+    from fsbridge.service import Bridge
+
+    bridge = Bridge(cfg)
+    bridge.start()
+    log.info("fsbridge %s running (FreeSWITCH %s:%s, CRM %s)", __version__, cfg.freeswitch.host,
+             cfg.freeswitch.port, cfg.crm.url)
+    stopping = gevent.event.Event()
+    gevent.signal_handler(signal.SIGTERM, stopping.set)
+    gevent.signal_handler(signal.SIGINT, stopping.set)
+    stopping.wait()
+    log.info("stopping")
+    bridge.stop()
+    return 0
+
+
+def cmd_check(cfg: Config, args: argparse.Namespace) -> int:
+    from fsbridge.crm.client import RetailCRM
+    from fsbridge.crm.errors import CRMError
+    from fsbridge.esl.connection import EslError
+    from fsbridge.esl.listener import EventListener
+
+    ok = True
+    print(f"config: ok ({len(cfg.managers)} manager(s), {len(cfg.external_phones)} external number(s))")
+    try:
+        conn = EventListener(cfg.freeswitch, lambda ev: None).connect_once()
+        version = conn.api("version").strip()
+        conn.stop()
+        print(f"freeswitch: ok ({cfg.freeswitch.host}:{cfg.freeswitch.port}, {version or 'version unknown'})")
+    except EslError as exc:
+        ok = False
+        print(f"freeswitch: FAILED: {exc}")
+    try:
+        RetailCRM(cfg.crm.url, cfg.crm.api_key, timeout=cfg.crm.timeout).credentials()
+        print(f"crm: ok ({cfg.crm.url} accepted the API key)")
+    except CRMError as exc:
+        ok = False
+        print(f"crm: FAILED: {exc}")
+    return 0 if ok else 1
+
+
+COMMANDS: dict[str, tuple[str, Callable[[Config, argparse.Namespace], int]]] = {
+    "run": ("connect to FreeSWITCH and retailCRM and serve until stopped", cmd_run),
+    "check": ("validate the config, log in to FreeSWITCH's event socket and check the CRM key", cmd_check),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fsbridge", description="FreeSWITCH <-> retailCRM telephony bridge")
+    parser.add_argument("--version", action="version", version=f"fsbridge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, _) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--config", "-c", default="/etc/fsbridge/fsbridge.yaml", help="YAML config file")
+        p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Everything fsbridge does is cooperative (ESL, requests, the HTTP server).
+    from gevent import monkey
+
+    monkey.patch_all()
+    _setup_logging(args.log_level)
+    try:
+        cfg = load(args.config)
+    except ConfigError as exc:
+        print(f"fsbridge: config error: {exc}", file=sys.stderr)
+        return 2
+    return COMMANDS[args.command][1](cfg, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

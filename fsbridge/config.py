@@ -1,0 +1,354 @@
+"""Declarative, self-validating settings.
+
+Every setting is a dataclass field that carries its own documentation, its check and
+(for secrets) the environment variable that overrides it, in the spirit of gunicorn's
+config.py. `load()` turns a YAML file into a `Config`, or raises `ConfigError` with one
+line that names the key and says what was expected: fsbridge runs unattended, and a
+traceback on start-up helps nobody.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import os
+import re
+import zoneinfo
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A setting is missing or wrong; the message names the key."""
+
+
+_REQUIRED: Any = object()
+_DIGITS = re.compile(r"^[0-9]{1,20}$")
+_SITE_CODE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def setting(default: Any, doc: str, check: Callable[[Any], Any] | None = None,
+            env: str | None = None, secret: bool = False) -> Any:
+    """Declare a setting: its default (or `_REQUIRED`), doc line, check and env override."""
+    meta = {"doc": doc, "check": check, "env": env, "secret": secret, "required": default is _REQUIRED}
+    if default is _REQUIRED:
+        return field(default=None, metadata=meta)
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# -- checks: each returns the normalised value or raises ValueError("expected ...") --
+
+def _string(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError("expected a string")
+    text = str(value)
+    if any(ord(c) < 32 for c in text):
+        raise ValueError("expected a single-line string")
+    return text
+
+
+def _nonempty(value: Any) -> str:
+    text = _string(value)
+    if not text.strip():
+        raise ValueError("expected a non-empty string")
+    return text
+
+
+def _secret(min_len: int) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        text = _nonempty(value)
+        if len(text) < min_len:
+            raise ValueError(f"expected at least {min_len} characters (it is a secret)")
+        return text
+    return check
+
+
+def _number(lo: float, hi: float, kind: type = float) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+            raise ValueError(f"expected {'an integer' if kind is int else 'a number'} from {lo} to {hi}")
+        if not lo <= value <= hi:
+            raise ValueError(f"expected {'an integer' if kind is int else 'a number'} from {lo} to {hi}")
+        return kind(value)
+    return check
+
+
+def _host(value: Any) -> str:
+    text = _nonempty(value)
+    if not re.fullmatch(r"[A-Za-z0-9.:_-]{1,253}", text):
+        raise ValueError("expected a host name or IP address")
+    return text
+
+
+def _url(value: Any) -> str:
+    text = _nonempty(value).rstrip("/")
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ValueError("expected an http(s) URL such as https://example.retailcrm.ru")
+    return text
+
+
+def _listen(value: Any) -> str:
+    text = _nonempty(value)
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError('expected "host:port", e.g. "127.0.0.1:8088"')
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        if host not in ("localhost", ""):
+            raise ValueError('expected "IP:port", e.g. "127.0.0.1:8088"') from None
+    return text
+
+
+def _timezone(value: Any) -> str:
+    text = _nonempty(value)
+    try:
+        zoneinfo.ZoneInfo(text)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValueError("expected an IANA time zone such as Europe/Moscow") from None
+    return text
+
+
+def _code(value: Any) -> str:
+    text = _nonempty(value)
+    if not _NAME.fullmatch(text):
+        raise ValueError("expected letters, digits, '-', '_' or '.' (at most 64)")
+    return text
+
+
+def _managers(value: Any) -> dict[str, int]:
+    if not isinstance(value, Mapping) or not value:
+        raise ValueError('expected a mapping of extension to retailCRM user id, e.g. {"100": 1}')
+    out: dict[str, int] = {}
+    for ext, user in value.items():
+        ext_s = str(ext)
+        if not _DIGITS.fullmatch(ext_s):
+            raise ValueError(f"expected digit-only extensions, got {ext_s!r}")
+        if isinstance(user, bool) or not isinstance(user, int) or user <= 0:
+            raise ValueError(f"expected a positive integer user id for extension {ext_s}, got {user!r}")
+        out[ext_s] = user
+    return out
+
+
+def _phones(value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValueError('expected a mapping of external number to shop code, e.g. {"74999999999": shop1}')
+    out: dict[str, str] = {}
+    for phone, site in value.items():
+        digits = normalize_number(str(phone))
+        if not digits or not 5 <= len(digits.lstrip("+")) <= 16:
+            raise ValueError(f"expected external numbers of 5 to 16 digits, got {phone!r}")
+        site_s = str(site)
+        if not _SITE_CODE.fullmatch(site_s):
+            raise ValueError(f"expected a shop (site) code for {phone}, got {site!r}")
+        out[digits.lstrip("+")] = site_s
+    return out
+
+
+def _names(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) and _NAME.fullmatch(v) for v in value):
+        raise ValueError("expected a list of names (letters, digits, '-', '_', '.')")
+    return list(value)
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if value not in choices:
+            raise ValueError("expected one of " + ", ".join(choices))
+        return value
+    return check
+
+
+def _path(value: Any) -> Path:
+    return Path(_nonempty(value)).expanduser()
+
+
+def normalize_number(raw: str) -> str:
+    """'+7 (912) 123-45-67' -> '+79121234567'; anything but digits and a leading '+' is dropped."""
+    text = raw.strip()
+    digits = "".join(c for c in text if c.isdigit() and c.isascii())
+    return ("+" + digits) if text.startswith("+") and digits else digits
+
+
+# -- the settings, section by section --
+
+@dataclass(frozen=True)
+class FreeSwitchSettings:
+    host: str = setting("127.0.0.1", "Event socket address of FreeSWITCH", _host)
+    port: int = setting(8021, "Event socket port", _number(1, 65535, int))
+    password: str = setting("ClueCon", "Event socket password", _nonempty, env="FSBRIDGE_ESL_PASSWORD", secret=True)
+    connect_timeout: float = setting(5.0, "Seconds to connect and authenticate", _number(0.1, 120))
+    command_timeout: float = setting(10.0, "Seconds to wait for the reply to any ESL command", _number(0.1, 300))
+    heartbeat_timeout: float = setting(
+        65.0, "Seconds of silence after which the connection is considered dead (FreeSWITCH sends HEARTBEAT "
+        "every 20 s)", _number(5, 3600))
+    reconnect_max_delay: float = setting(30.0, "Upper bound of the reconnect backoff, seconds", _number(0.1, 600))
+    reconcile_interval: float = setting(
+        300.0, "Seconds between checks of tracked calls against `show channels` (catches lost events)",
+        _number(5, 86400))
+
+
+@dataclass(frozen=True)
+class CrmSettings:
+    url: str = setting(_REQUIRED, "retailCRM account URL, e.g. https://example.retailcrm.ru", _url)
+    api_key: str = setting(_REQUIRED, "retailCRM API key (needs the telephony scopes)", _secret(8),
+                           env="FSBRIDGE_CRM_API_KEY", secret=True)
+    timezone: str = setting(_REQUIRED, "The CRM account's time zone (history dates carry no zone)", _timezone)
+    timeout: float = setting(10.0, "Seconds to wait for one CRM request", _number(0.5, 300))
+    telephony_rate: float = setting(40.0, "Requests per second allowed to /api/v5/telephony", _number(1, 1000))
+    card_max_age: float = setting(
+        30.0, "A call event (pop-up card) not delivered within this many seconds is dropped and counted",
+        _number(1, 3600))
+    card_workers: int = setting(4, "Concurrent deliveries of call events", _number(1, 64, int))
+    card_queue_size: int = setting(10000, "Call events waiting per worker before new ones are refused (counted)",
+                                   _number(10, 1_000_000, int))
+
+
+@dataclass(frozen=True)
+class IntegrationSettings:
+    code: str = setting("fsbridge", "Integration module code in retailCRM", _code)
+    client_id: str = setting(_REQUIRED, "Long random secret the CRM sends back on every callback",
+                             _secret(16), env="FSBRIDGE_CLIENT_ID", secret=True)
+    public_url: str = setting(_REQUIRED, "Where the CRM reaches fsbridge's HTTP API (usually a TLS proxy)", _url)
+    name: str = setting("FreeSWITCH", "Name shown in the CRM's integration list", _nonempty)
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    listen: str = setting("127.0.0.1:8088", "Address of fsbridge's HTTP API", _listen)
+
+
+@dataclass(frozen=True)
+class TrunkSettings:
+    gateways: list = setting([], "Sofia gateways that lead to customers (legs through them are customer legs)",
+                             _names)
+    contexts: list = setting([], "Dialplan contexts of calls arriving from trunks (e.g. public)", _names)
+    profiles: list = setting([], "Sofia profiles that face trunks only (e.g. external)", _names)
+
+
+@dataclass(frozen=True)
+class Config:
+    freeswitch: FreeSwitchSettings
+    crm: CrmSettings
+    integration: IntegrationSettings
+    http: HttpSettings
+    trunks: TrunkSettings
+    managers: dict = setting(_REQUIRED, "Manager extension -> retailCRM user id", _managers)
+    external_phones: dict = setting({}, "External number (DID) -> shop (site) code", _phones)
+
+    @property
+    def manager_codes(self) -> frozenset[str]:
+        return frozenset(self.managers)
+
+
+_SECTIONS: dict[str, type] = {
+    "freeswitch": FreeSwitchSettings,
+    "crm": CrmSettings,
+    "integration": IntegrationSettings,
+    "http": HttpSettings,
+    "trunks": TrunkSettings,
+}
+
+
+def _apply(cls: type, raw: Any, prefix: str, env: Mapping[str, str]) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{prefix}: expected a mapping of settings")
+    known = {f.name: f for f in dataclasses.fields(cls) if "doc" in f.metadata}
+    for key in raw:
+        if key not in known and key not in _SECTIONS:
+            hint = difflib.get_close_matches(str(key), list(known), n=1)
+            did_you_mean = f" (did you mean {prefix}{hint[0]}?)" if hint else ""
+            raise ConfigError(f"{prefix}{key}: unknown setting{did_you_mean}")
+    values: dict[str, Any] = {}
+    for name, f in known.items():
+        meta = f.metadata
+        key = f"{prefix}{name}"
+        if meta["env"] and env.get(meta["env"]):
+            value = env[meta["env"]]
+        elif name in raw and raw[name] is not None:
+            value = raw[name]
+        elif meta["required"]:
+            via = f" (or set {meta['env']})" if meta["env"] else ""
+            raise ConfigError(f"{key}: missing; {meta['doc']}{via}")
+        else:
+            continue
+        try:
+            values[name] = meta["check"](value) if meta["check"] else value
+        except ValueError as exc:
+            message = str(exc)
+            if " got " not in message:
+                message += ", got " + ("***" if meta["secret"] else repr(value))
+            raise ConfigError(f"{key}: {message}") from None
+    return values
+
+
+def from_mapping(raw: Any, env: Mapping[str, str] | None = None) -> Config:
+    env = os.environ if env is None else env
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError("config: expected a YAML mapping at the top level")
+    top = _apply(Config, raw, "", env)
+    sections = {name: cls(**_apply(cls, raw.get(name), f"{name}.", env)) for name, cls in _SECTIONS.items()}
+    cfg = Config(**sections, **top)
+    _cross_check(cfg)
+    return cfg
+
+
+def _cross_check(cfg: Config) -> None:
+    overlap = set(cfg.managers) & set(cfg.external_phones)
+    if overlap:
+        raise ConfigError(f"external_phones: {sorted(overlap)[0]} is also a manager extension")
+
+
+def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config: {p} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config: cannot read {p}: {exc}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config: {p} is not valid YAML{where}") from None
+    return from_mapping(raw, env)
+
+
+def describe() -> list[tuple[str, Any, str]]:
+    """(key, default, doc) for every setting: documentation generated from the declarations."""
+    rows: list[tuple[str, Any, str]] = []
+    for f in dataclasses.fields(Config):
+        if f.name in _SECTIONS:
+            for sf in dataclasses.fields(_SECTIONS[f.name]):
+                rows.append((f"{f.name}.{sf.name}", _default_of(sf), sf.metadata["doc"]))
+        else:
+            rows.append((f.name, _default_of(f), f.metadata["doc"]))
+    return rows
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.metadata.get("required"):
+        return "(required)"
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory()  # type: ignore[misc]

@@ -1,0 +1,17 @@
+"""retailCRM API v5 client (telephony methods)."""
+
+from fsbridge.crm.client import MAX_CALLS_PER_UPLOAD, RetailCRM, encode_form, encode_params
+from fsbridge.crm.errors import CRMAuthError, CRMError, CRMRejected, CRMUnavailable
+from fsbridge.crm.ratelimit import RateLimiter
+
+__all__ = [
+    "MAX_CALLS_PER_UPLOAD",
+    "CRMAuthError",
+    "CRMError",
+    "CRMRejected",
+    "CRMUnavailable",
+    "RateLimiter",
+    "RetailCRM",
+    "encode_form",
+    "encode_params",
+]

@@ -1,0 +1,415 @@
+"""retailCRM API v5 client for the telephony methods fsbridge uses.
+
+Built on one requests.Session shared by every greenlet (the process is gevent
+monkey-patched, so blocking socket calls yield). The contract is
+docs/retailcrm-api-v5-telephony.md.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import random
+import socket
+import ssl
+import time
+import urllib.parse
+from collections.abc import Mapping
+from typing import Any
+
+import gevent
+import requests
+from requests.adapters import HTTPAdapter
+
+from fsbridge import __version__
+from fsbridge.crm.errors import CRMAuthError, CRMError, CRMRejected, CRMUnavailable
+from fsbridge.crm.ratelimit import RateLimiter
+
+log = logging.getLogger("fsbridge.crm")
+
+TELEPHONY_PREFIX = "/api/v5/telephony/"
+MAX_CALLS_PER_UPLOAD = 50
+DEFAULT_ATTEMPTS = 5
+# The vendor's Go client backs off from 25 ms on /telephony and 100 ms elsewhere.
+TELEPHONY_BACKOFF_BASE = 0.025
+GENERAL_BACKOFF_BASE = 0.1
+BACKOFF_CAP = 5.0
+# retailCRM counts requests when they arrive, and arrival gaps shrink by whatever delay
+# the network and our own scheduler add to one request but not the next. Pacing at 95 %
+# of the limit leaves ~50 ms per second for that jitter.
+PACING = 0.95
+# Every greenlet holding a request in flight needs its own connection; requests' default
+# of 10 would make the rest open and throw away connections.
+POOL_MAXSIZE = 64
+# Statuses that mean "overloaded or in the way", not "your request is wrong".
+_RETRYABLE_4XX = frozenset({408, 425, 429})
+_MAX_MESSAGE = 400
+
+
+class _DeadlineHit(Exception):
+    """Raised by gevent.Timeout inside one attempt; private so an outer Timeout is never swallowed."""
+
+
+def encode_form(form: Mapping[str, Any]) -> dict[str, str]:
+    """The API's form encoding: nested values travel as ONE field holding JSON text."""
+    encoded: dict[str, str] = {}
+    for name, value in form.items():
+        if value is None:
+            continue
+        if isinstance(value, dict | list | tuple):
+            # ensure_ascii=False keeps Cyrillic names readable in the CRM's own logs;
+            # requests then percent-encodes the UTF-8 bytes.
+            encoded[name] = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        elif isinstance(value, bool):
+            encoded[name] = "1" if value else "0"
+        else:
+            encoded[name] = str(value)
+    return encoded
+
+
+def encode_params(params: Mapping[str, Any]) -> dict[str, str]:
+    """Query parameters; booleans become 1/0 because the API refuses `True`."""
+    encoded: dict[str, str] = {}
+    for name, value in params.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            encoded[name] = "1" if value else "0"
+        elif isinstance(value, str | int | float):
+            encoded[name] = str(value)
+        else:
+            raise TypeError(f"query parameter {name!r} must be a scalar, got {type(value).__name__}")
+    return encoded
+
+
+def _one_line(text: Any) -> str:
+    return " ".join(str(text).split()) if text is not None else ""
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 3] + "..."
+
+
+def _summarise_errors(errors: dict[str, Any] | list[Any] | None) -> str:
+    if not errors:
+        return ""
+    if isinstance(errors, dict):
+        parts = [f"{_one_line(k)}: {_one_line(v)}" for k, v in errors.items()]
+    else:
+        parts = [_one_line(v) for v in errors]
+    return " (" + "; ".join(parts) + ")"
+
+
+def _describe_body(response: requests.Response) -> str:
+    body = response.content.lstrip()
+    if not body:
+        return "an empty body"
+    if "html" in response.headers.get("Content-Type", "").lower() or body[:1] == b"<":
+        return "an HTML page"
+    return "a non-JSON body"
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception: requests wraps urllib3 wraps the socket error."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    deepest = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        deepest = current
+        nested = getattr(current, "reason", None)
+        if not isinstance(nested, BaseException):
+            nested = next((a for a in current.args if isinstance(a, BaseException)), None)
+        current = nested or current.__cause__ or current.__context__
+    return deepest
+
+
+def _describe_connection_error(exc: BaseException) -> str:
+    root = _root_cause(exc)
+    if isinstance(root, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(root, ConnectionResetError):
+        return "connection reset"
+    if isinstance(root, http.client.RemoteDisconnected):
+        return "connection closed without a reply"
+    if isinstance(root, socket.gaierror):
+        return "host name not resolved"
+    if isinstance(root, ssl.SSLError):
+        return f"TLS error ({_one_line(getattr(root, 'reason', None) or type(root).__name__)})"
+    # Our own words above; anything else is named by type only, since urllib3's messages
+    # embed the full URL with its query string.
+    return type(root).__name__
+
+
+class RetailCRM:
+    """retailCRM API v5, telephony methods. One instance per account, shared by all greenlets."""
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str,
+        *,
+        connect_timeout: float = 3.0,
+        timeout: float = 10.0,
+        telephony_rate: float = 40.0,
+        general_rate: float = 10.0,
+        session: requests.Session | None = None,
+    ) -> None:
+        parts = urllib.parse.urlsplit(url.strip())
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"retailCRM URL must be http(s)://host, got {url!r}")
+        if not api_key:
+            raise ValueError("retailCRM API key is empty")
+        # People paste the API base from the docs; the methods below add /api/... themselves.
+        path = parts.path.rstrip("/")
+        for suffix in ("/api/v5", "/api"):
+            if path.endswith(suffix):
+                path = path[: -len(suffix)]
+                break
+        self.url = f"{parts.scheme}://{parts.netloc}{path}"
+        self._host = parts.netloc
+        self._api_key = api_key
+        self.connect_timeout = connect_timeout
+        self.timeout = timeout
+        self._limiters = {
+            "telephony": RateLimiter(telephony_rate * PACING),
+            "general": RateLimiter(general_rate * PACING),
+        }
+        self._own_session = session is None
+        if session is None:
+            session = requests.Session()
+            adapter = HTTPAdapter(pool_connections=2, pool_maxsize=POOL_MAXSIZE)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+        self._session = session
+        # Sent per request rather than stored on the session so a caller-supplied session
+        # gets them too.
+        self._headers = {
+            "X-API-KEY": api_key,
+            "User-Agent": f"fsbridge/{__version__}",
+            "Accept": "application/json",
+        }
+
+    def __repr__(self) -> str:
+        return f"RetailCRM({self.url!r})"  # never the key
+
+    def close(self) -> None:
+        if self._own_session:
+            self._session.close()
+
+    def __enter__(self) -> RetailCRM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the API methods -------------------------------------------------------------
+
+    def send_call_event(self, event: dict[str, Any], *, deadline: float | None = None) -> dict[str, Any]:
+        return self.request("POST", "/api/v5/telephony/call/event", form={"event": event}, deadline=deadline)
+
+    def upload_calls(self, calls: list[dict[str, Any]], *, deadline: float | None = None) -> dict[str, Any]:
+        if not calls:
+            raise ValueError("no calls to upload")
+        if len(calls) > MAX_CALLS_PER_UPLOAD:
+            raise ValueError(f"at most {MAX_CALLS_PER_UPLOAD} calls per upload, got {len(calls)}")
+        return self.request(
+            "POST", "/api/v5/telephony/calls/upload", form={"calls": calls}, deadline=deadline
+        )
+
+    def responsible_manager(
+        self,
+        phone: str,
+        *,
+        details: bool = False,
+        ignore_status: bool = False,
+        timeout: float | None = None,
+    ) -> dict[str, Any] | None:
+        """The manager the CRM would route `phone` to, or None.
+
+        `timeout` bounds the whole call, retries included: routing happens while the
+        caller hears ringing, so a late answer is worth no more than none.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        reply = self.request(
+            "GET",
+            "/api/v5/telephony/manager",
+            params={"phone": phone, "details": details, "ignoreStatus": ignore_status},
+            deadline=deadline,
+        )
+        manager = reply.get("manager")
+        # The reply omits the key or sends null alike when nobody is free.
+        return manager if isinstance(manager, dict) and manager else None
+
+    def edit_integration_module(self, module: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+        """Create or update the module; returns (created, reply)."""
+        code = module.get("code")
+        if not code:
+            raise ValueError("integration module needs a code")
+        path = f"/api/v5/integration-modules/{urllib.parse.quote(str(code), safe='')}/edit"
+        status, reply = self._call("POST", path, params=None, form={"integrationModule": module})
+        return status == 201, reply
+
+    def get_integration_module(self, code: str) -> dict[str, Any]:
+        """The stored module; CRMRejected with status 404 when there is none."""
+        path = f"/api/v5/integration-modules/{urllib.parse.quote(code, safe='')}"
+        status, reply = self._call("GET", path, params=None, form=None)
+        module = reply.get("integrationModule")
+        if not isinstance(module, dict):
+            raise CRMError(status, "retailCRM reply has no integrationModule")
+        return module
+
+    def credentials(self) -> dict[str, Any]:
+        """The key's rights: `credentials` (method list), `siteAccess`, `sitesAvailable`."""
+        return self.request("GET", "/api/credentials")
+
+    # -- transport ---------------------------------------------------------------------
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        form: Mapping[str, Any] | None = None,
+        deadline: float | None = None,
+        attempts: int | None = None,
+    ) -> dict[str, Any]:
+        """One API call with retries; returns the decoded JSON reply.
+
+        `path` starts at the host (`/api/v5/...`). `deadline` is a time.monotonic() value
+        bounding everything including retries; `attempts` caps tries. With neither, 5 tries.
+        """
+        _, reply = self._call(method, path, params=params, form=form, deadline=deadline, attempts=attempts)
+        return reply
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None,
+        form: Mapping[str, Any] | None,
+        deadline: float | None = None,
+        attempts: int | None = None,
+    ) -> tuple[int, dict[str, Any]]:
+        if not path.startswith("/"):
+            raise ValueError(f"path must start with /, got {path!r}")
+        if attempts is not None and attempts < 1:
+            raise ValueError("attempts must be at least 1")
+        if deadline is None and attempts is None:
+            attempts = DEFAULT_ATTEMPTS
+        telephony = path.startswith(TELEPHONY_PREFIX)
+        base = TELEPHONY_BACKOFF_BASE if telephony else GENERAL_BACKOFF_BASE
+        limiter = self._limiters["telephony" if telephony else "general"]
+        query = encode_params(params) if params else None
+        body = encode_form(form) if form is not None else None
+
+        tried = 0
+        while True:
+            tried += 1
+            try:
+                return self._attempt(method, path, limiter, query, body, deadline)
+            except CRMUnavailable as exc:
+                if attempts is not None and tried >= attempts:
+                    log.error("retailCRM %s %s failed after %d attempt(s): %s", method, path, tried, exc)
+                    raise
+                ceiling = min(BACKOFF_CAP, base * 2 ** (tried - 1))
+                # Jitter spreads greenlets that failed together so they do not retry together.
+                delay = ceiling / 2 + random.uniform(0, ceiling / 2)
+                if deadline is not None and time.monotonic() + delay >= deadline:
+                    log.error(
+                        "retailCRM %s %s failed, deadline reached after %d attempt(s): %s",
+                        method, path, tried, exc,
+                    )
+                    raise
+                log.warning("retailCRM %s %s: %s; retry %d in %.3f s", method, path, exc, tried, delay)
+                gevent.sleep(delay)
+            except CRMRejected as exc:
+                log.warning("retailCRM %s %s rejected: %s", method, path, exc)
+                raise
+
+    def _attempt(
+        self,
+        method: str,
+        path: str,
+        limiter: RateLimiter,
+        query: dict[str, str] | None,
+        body: dict[str, str] | None,
+        deadline: float | None,
+    ) -> tuple[int, dict[str, Any]]:
+        if not limiter.acquire(deadline):
+            raise CRMUnavailable(None, "no request slot under the client rate limit before the deadline")
+        connect_timeout, read_timeout = self.connect_timeout, self.timeout
+        remaining: float | None = None
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise CRMUnavailable(None, "deadline passed before the request was sent")
+            connect_timeout = min(connect_timeout, remaining)
+            read_timeout = min(read_timeout, remaining)
+        try:
+            # requests' read timeout is per socket read, so a trickling reply could outlive
+            # the deadline; the gevent timeout caps the attempt as a whole.
+            with gevent.Timeout(remaining, _DeadlineHit):
+                response = self._session.request(
+                    method,
+                    self.url + path,
+                    params=query,
+                    data=body,
+                    headers=self._headers,
+                    timeout=(connect_timeout, read_timeout),
+                    # A redirect would carry X-API-KEY to wherever it points.
+                    allow_redirects=False,
+                )
+        except _DeadlineHit:
+            raise CRMUnavailable(None, "retailCRM did not answer before the deadline") from None
+        except requests.ConnectTimeout:
+            raise CRMUnavailable(
+                None, f"cannot connect to retailCRM at {self._host} within {connect_timeout:.1f} s"
+            ) from None
+        except requests.Timeout:
+            raise CRMUnavailable(None, f"retailCRM did not answer within {read_timeout:.1f} s") from None
+        except requests.ConnectionError as exc:
+            raise CRMUnavailable(
+                None, f"connection to retailCRM at {self._host} failed: {_describe_connection_error(exc)}"
+            ) from None
+        except requests.RequestException as exc:
+            raise CRMUnavailable(
+                None, f"request to retailCRM failed: {_describe_connection_error(exc)}"
+            ) from None
+        return self._interpret(response)
+
+    def _interpret(self, response: requests.Response) -> tuple[int, dict[str, Any]]:
+        status = response.status_code
+        if 300 <= status < 400:
+            target = urllib.parse.urlsplit(response.headers.get("Location", ""))
+            where = f"{target.scheme}://{target.netloc}" if target.netloc else "another path"
+            raise CRMRejected(status, f"retailCRM answered HTTP {status} redirecting to {where}: fix the URL")
+
+        try:
+            data = json.loads(response.content) if response.content.strip() else None
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            message = f"retailCRM answered HTTP {status} with {_describe_body(response)} (not the API)"
+            if 400 <= status < 500 and status not in _RETRYABLE_4XX:
+                # 404/405 pages come from a wrong URL or a deleted account: no retry fixes that.
+                raise CRMRejected(status, message)
+            raise CRMUnavailable(status, message)
+
+        if status < 300 and data.get("success") is True:
+            return status, data
+
+        raw_errors = data.get("errors")
+        errors = raw_errors if isinstance(raw_errors, dict | list) and raw_errors else None
+        reason = _one_line(data.get("errorMsg")) or "success is not true"
+        message = _clip(f"retailCRM answered HTTP {status}: {reason}{_summarise_errors(errors)}")
+        # The CRM may echo what it was sent; the key must not reach a log through it.
+        message = message.replace(self._api_key, "***")
+        if status >= 500 or status in _RETRYABLE_4XX:
+            raise CRMUnavailable(status, message, errors)
+        if status in (401, 403):
+            raise CRMAuthError(status, message, errors)
+        raise CRMRejected(status, message, errors)

@@ -1,0 +1,321 @@
+"""A deliberately small HTTP layer: typed requests and responses, a router, a WSGI adapter.
+
+fsbridge answers a handful of GET callbacks from retailCRM and serves recordings; a web framework would
+add dependencies and hide the details that matter here (query parsing, HEAD, streaming, what is logged).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import IO, Any
+from urllib.parse import parse_qsl
+
+log = logging.getLogger("fsbridge.http")
+
+# A real callback has four or five parameters; a request with hundreds is an attack on parse time.
+MAX_QUERY_FIELDS = 50
+
+
+class Headers(Mapping[str, str]):
+    """Read-only request headers with case-insensitive names."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
+        self._items: dict[str, str] = {}
+        for name, value in items:
+            self._items[name.lower()] = value
+
+    def __getitem__(self, name: str) -> str:
+        return self._items[name.lower()]
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.lower() in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return f"Headers({self._items!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    method: str
+    path: str
+    # Never log this: it carries clientId, the only secret of retailCRM's callbacks.
+    query: dict[str, str]
+    headers: Headers
+    remote_addr: str
+    body: bytes = b""
+
+
+class FileBody:
+    """`length` bytes of an open binary file from `offset`, read lazily in chunks; owns (closes) the file.
+
+    Any WSGI server can iterate it; fsbridge's own server (server.py) recognises it and sends the same
+    bytes with os.sendfile instead, which is the point of returning this rather than a generator.
+    """
+
+    __slots__ = ("chunk_size", "file", "length", "offset")
+
+    def __init__(self, file: IO[bytes], offset: int, length: int, chunk_size: int = 256 * 1024) -> None:
+        self.file = file
+        self.offset = offset
+        self.length = length
+        self.chunk_size = chunk_size
+
+    def __iter__(self) -> Iterator[bytes]:
+        fd = self.file.fileno()
+        pos, remaining = self.offset, self.length
+        while remaining > 0:
+            data = os.pread(fd, min(self.chunk_size, remaining), pos)
+            if not data:
+                # The file shrank under us: fail loudly so the server drops the connection instead of
+                # leaving a client waiting for bytes that were promised in Content-Length.
+                raise EOFError("file shorter than announced")
+            pos += len(data)
+            remaining -= len(data)
+            yield data
+
+    def close(self) -> None:
+        self.file.close()
+
+
+Body = bytes | Iterable[bytes]
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    body: Body = b""
+
+    @classmethod
+    def text(cls, status: int, message: str = "", headers: Mapping[str, str] | None = None) -> Response:
+        """A short plain-text answer; `message` defaults to the status phrase."""
+        hdrs = {"Content-Type": "text/plain; charset=utf-8"}
+        if headers:
+            hdrs.update(headers)
+        return cls(status, hdrs, ((message or HTTPStatus(status).phrase) + "\n").encode())
+
+    @classmethod
+    def empty(cls, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+        return cls(status, dict(headers or {}), b"")
+
+
+Handler = Callable[[Request], Response]
+
+
+@dataclass(frozen=True, slots=True)
+class _Route:
+    methods: frozenset[str]
+    path: str
+    prefix: bool
+    handler: Handler
+    redact: Callable[[str], str] | None
+    parse_query: bool
+
+
+class BadRequest(Exception):
+    """The request cannot be turned into a `Request`; the message is safe to send to the client."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def check_client_id(request: Request, expected: str) -> Response | None:
+    """403 unless the `clientId` query parameter equals `expected`; None when it does.
+
+    hmac.compare_digest takes the same time wherever the first difference is, so the secret cannot be
+    guessed byte by byte from response times.
+    """
+    given = request.query.get("clientId", "")
+    if not expected or not hmac.compare_digest(given.encode(), expected.encode()):
+        return Response.text(403, "forbidden")
+    return None
+
+
+def _close(body: object) -> None:
+    close = getattr(body, "close", None)
+    if close is not None:
+        close()
+
+
+def _where(exc: BaseException) -> str:
+    """file:line of the innermost frame: enough to find the bug, without the exception's message, which
+    may quote request data (clientId among it)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return "?"
+    last = frames[-1]
+    return f"{os.path.basename(last.filename)}:{last.lineno}"
+
+
+def loggable(text: str, limit: int = 200) -> str:
+    """A client-controlled string made safe for a one-line log: no control characters, bounded length."""
+    out = text.encode("unicode_escape", "backslashreplace").decode("ascii")
+    return out if len(out) <= limit else out[:limit] + "..."
+
+
+class Router:
+    """Maps (methods, exact path or path prefix) to handlers; answers 404/405/500 itself.
+
+    Exact paths win over prefixes, the longest prefix wins among prefixes. A route that allows GET also
+    answers HEAD (the body is dropped here, the handler's headers are kept).
+    """
+
+    def __init__(self, max_body_bytes: int = 1 << 20) -> None:
+        self._exact: dict[str, _Route] = {}
+        self._prefixes: list[_Route] = []
+        self.max_body_bytes = max_body_bytes
+
+    def add(
+        self,
+        methods: Iterable[str],
+        path: str,
+        handler: Handler,
+        *,
+        prefix: bool = False,
+        redact: Callable[[str], str] | None = None,
+        parse_query: bool = True,
+    ) -> None:
+        """Register `handler`. `redact(path)` rewrites the path for the access log (e.g. to hide a
+        capability token in it). parse_query=False hands the handler an empty query whatever was sent
+        (not even a malformed or repeated parameter is refused): for URLs that others may decorate."""
+        wanted = {m.upper() for m in methods}
+        if "GET" in wanted:
+            wanted.add("HEAD")
+        route = _Route(frozenset(wanted), path, prefix, handler, redact, parse_query)
+        if prefix:
+            self._prefixes.append(route)
+            self._prefixes.sort(key=lambda r: len(r.path), reverse=True)
+        else:
+            self._exact[path] = route
+
+    def _match(self, path: str) -> _Route | None:
+        route = self._exact.get(path)
+        if route is not None:
+            return route
+        for candidate in self._prefixes:
+            if path.startswith(candidate.path):
+                return candidate
+        return None
+
+    def loggable_path(self, path: str) -> str:
+        route = self._match(path)
+        if route is not None and route.redact is not None:
+            try:
+                path = route.redact(path)
+            except Exception:
+                path = route.path + "..."
+        return loggable(path)
+
+    def dispatch(self, request: Request) -> Response:
+        route = self._match(request.path)
+        if route is None:
+            return Response.text(404, "not found")
+        if request.method not in route.methods:
+            return Response.text(405, "method not allowed", {"Allow": ", ".join(sorted(route.methods))})
+        try:
+            return route.handler(request)
+        except Exception as exc:
+            log.error(
+                "%s %s: handler failed: %s at %s",
+                request.method,
+                self.loggable_path(request.path),
+                type(exc).__name__,
+                _where(exc),
+            )
+            return Response.text(500, "internal error")
+
+    def _request(self, environ: dict[str, Any]) -> Request:
+        method = str(environ.get("REQUEST_METHOD", "GET")).upper()
+        try:
+            # PEP 3333 hands over the percent-decoded path as latin-1 code points of the raw bytes.
+            path = str(environ.get("PATH_INFO", "")).encode("latin-1").decode("utf-8")
+            route = self._match(path)
+            raw_query = str(environ.get("QUERY_STRING", "")).encode("latin-1")
+            if route is not None and not route.parse_query:
+                raw_query = b""
+            pairs = parse_qsl(raw_query, keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS)
+            query: dict[str, str] = {}
+            for raw_name, raw_value in pairs:
+                name, value = raw_name.decode("utf-8"), raw_value.decode("utf-8")
+                if name in query:
+                    # Two values for one name: proxies and apps disagree on which one wins, the classic
+                    # way to slip a second clientId or phone past a check.
+                    raise BadRequest("repeated query parameter")
+                query[name] = value
+        except (UnicodeError, ValueError) as exc:
+            if isinstance(exc, BadRequest):
+                raise
+            raise BadRequest("malformed path or query") from None
+        items = [(k[5:].replace("_", "-"), str(v)) for k, v in environ.items() if k.startswith("HTTP_")]
+        for key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+            if environ.get(key):
+                items.append((key.replace("_", "-"), str(environ[key])))
+        body = b""
+        if method not in ("GET", "HEAD", "OPTIONS"):
+            stream = environ.get("wsgi.input")
+            if stream is not None:
+                body = stream.read(self.max_body_bytes + 1)
+                if len(body) > self.max_body_bytes:
+                    raise BadRequest("request body too large", 413)
+        return Request(method, path, query, Headers(items), str(environ.get("REMOTE_ADDR", "")), body)
+
+    def wsgi(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        """The WSGI application."""
+        try:
+            request = self._request(environ)
+        except BadRequest as exc:
+            response = Response.text(exc.status, str(exc))
+            head = False
+        else:
+            response = self.dispatch(request)
+            head = request.method == "HEAD"
+
+        body = response.body
+        headers = response.headers
+        iterable: Iterable[bytes]
+        if isinstance(body, bytes | bytearray | memoryview):
+            data = bytes(body)
+            bodyless = response.status in (204, 304) or response.status < 200
+            if not bodyless and not any(k.lower() == "content-length" for k in headers):
+                headers = {**headers, "Content-Length": str(len(data))}
+            iterable = [] if head or bodyless else [data]
+        elif head:
+            _close(body)
+            iterable = []
+        else:
+            iterable = body
+
+        try:
+            phrase = HTTPStatus(response.status).phrase
+        except ValueError:
+            phrase = "Unknown"
+        try:
+            start_response(f"{response.status} {phrase}", list(headers.items()))
+        except Exception as exc:
+            # e.g. a CR/LF in a header value, refused by the server: never send half a response.
+            _close(iterable)
+            log.error("%s: bad response headers: %s at %s", environ.get("REQUEST_METHOD"), type(exc).__name__,
+                      _where(exc))
+            start_response(
+                "500 Internal Server Error",
+                [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", "15")],
+                sys.exc_info(),
+            )
+            return [b"internal error\n"]
+        return iterable

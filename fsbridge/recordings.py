@@ -1,0 +1,202 @@
+"""Call recordings on disk: `<recordings_dir>/<uuid>.wav` written by FreeSWITCH, optionally an MP3 beside it.
+
+Paths are only ever built as `directory / f"{uuid}.{ext}"` after the uuid matched UUID_RE and ext the
+allow-list, so no caller-supplied text can name another file.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import stat
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, NamedTuple
+
+from fsbridge.record_links import CONTENT_TYPES, EXTENSIONS, valid_record_id
+
+log = logging.getLogger(__name__)
+
+ENCODERS = ("auto", "lame", "ffmpeg")
+
+
+class FoundRecording(NamedTuple):
+    path: Path
+    content_type: str
+
+    @property
+    def ext(self) -> str:
+        return self.path.suffix[1:]
+
+
+@dataclass(slots=True)
+class OpenRecording:
+    """An opened recording; the caller owns `file` and must close it."""
+
+    file: IO[bytes]
+    size: int
+    mtime: float
+    mtime_ns: int
+    content_type: str
+    ext: str
+
+
+def _encoder_argv(encoder: str, src: Path, dst: Path, bitrate_kbps: int) -> list[str] | None:
+    """argv for the first usable encoder, or None. Paths are absolute, so neither can look like an option."""
+    candidates = ("lame", "ffmpeg") if encoder == "auto" else (encoder,)
+    for name in candidates:
+        exe = shutil.which(name)
+        if exe is None:
+            continue
+        if name == "lame":
+            return [exe, "--quiet", "--noreplaygain", "-b", str(bitrate_kbps), str(src), str(dst)]
+        return [exe, "-nostdin", "-hide_banner", "-loglevel", "error", "-y", "-i", str(src),
+                "-codec:a", "libmp3lame", "-b:a", f"{bitrate_kbps}k", "-f", "mp3", str(dst)]
+    return None
+
+
+def to_mp3(
+    wav_path: str | os.PathLike[str],
+    *,
+    encoder: str = "auto",
+    bitrate_kbps: int = 32,
+    timeout: float = 120.0,
+    keep_wav: bool = True,
+) -> Path | None:
+    """Encode `<x>.wav` to `<x>.mp3` beside it with lame or ffmpeg; the MP3's path, or None.
+
+    None (and the WAV untouched) when no encoder is on PATH, it fails or times out. The MP3 is written
+    under a temporary name and renamed, so the record proxy never serves half a file. The WAV is deleted
+    only after a successful conversion and only if keep_wav is False.
+    """
+    if encoder not in ENCODERS:
+        raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
+    src = Path(wav_path).absolute()
+    if src.suffix != ".wav" or not src.is_file():
+        log.warning("to_mp3: %s is not a WAV file", src.name)
+        return None
+    dst = src.with_suffix(".mp3")
+    tmp = src.with_name(src.stem + ".mp3.part")
+    argv = _encoder_argv(encoder, src, tmp, bitrate_kbps)
+    if argv is None:
+        log.info("to_mp3: no MP3 encoder (%s) on PATH, keeping %s", encoder, src.name)
+        return None
+    try:
+        # A list argv and no shell: the file name is never parsed by anything.
+        proc = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            timeout=timeout,
+            check=False,
+        )
+        if proc.returncode != 0 or not tmp.is_file() or tmp.stat().st_size == 0:
+            err = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+            log.warning("to_mp3: %s failed on %s (exit %s): %s", Path(argv[0]).name, src.name,
+                        proc.returncode, err[-1][:200] if err else "")
+            return None
+        os.replace(tmp, dst)
+    except subprocess.TimeoutExpired:
+        log.warning("to_mp3: %s timed out after %.0fs on %s", Path(argv[0]).name, timeout, src.name)
+        return None
+    except OSError as exc:
+        log.warning("to_mp3: %s on %s: %s", Path(argv[0]).name, src.name, exc)
+        return None
+    finally:
+        tmp.unlink(missing_ok=True)
+    if not keep_wav:
+        src.unlink(missing_ok=True)
+    return dst
+
+
+class Recordings:
+    """The recordings directory.
+
+    prefer_mp3: find() returns the MP3 when both exist. The encoder settings are used by to_mp3().
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        prefer_mp3: bool = False,
+        encoder: str = "auto",
+        bitrate_kbps: int = 32,
+        convert_timeout: float = 120.0,
+        keep_wav: bool = True,
+    ) -> None:
+        if encoder not in ENCODERS:
+            raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
+        self.directory = Path(directory)
+        self.prefer_mp3 = prefer_mp3
+        self.encoder = encoder
+        self.bitrate_kbps = bitrate_kbps
+        self.convert_timeout = convert_timeout
+        self.keep_wav = keep_wav
+
+    def wav_path(self, record_id: str) -> Path:
+        """Where FreeSWITCH writes the recording of the leg `record_id`."""
+        return self._path(record_id, "wav")
+
+    def _path(self, record_id: str, ext: str) -> Path:
+        if not valid_record_id(record_id) or ext not in EXTENSIONS:
+            raise ValueError("not a recording id / format")
+        return self.directory / f"{record_id}.{ext}"
+
+    def _order(self, wanted: str | None) -> list[str]:
+        preferred = ["mp3", "wav"] if self.prefer_mp3 else ["wav", "mp3"]
+        order = [wanted] if wanted in EXTENSIONS else []
+        for ext in [*preferred, "ogg"]:
+            if ext not in order:
+                order.append(ext)
+        return order
+
+    def to_mp3(self, wav_path: str | os.PathLike[str]) -> Path | None:
+        return to_mp3(wav_path, encoder=self.encoder, bitrate_kbps=self.bitrate_kbps,
+                      timeout=self.convert_timeout, keep_wav=self.keep_wav)
+
+    def find(self, record_id: str, ext: str | None = None) -> FoundRecording | None:
+        """The recording of `record_id` as (path, content_type): format `ext` if it exists, else the
+        preferred one (mp3 first when prefer_mp3), else any; None when there is none."""
+        if not valid_record_id(record_id):
+            return None
+        for candidate in self._order(ext):
+            path = self._path(record_id, candidate)
+            try:
+                st = path.lstat()
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                return FoundRecording(path, CONTENT_TYPES[candidate])
+        return None
+
+    def open(self, record_id: str, ext: str | None = None) -> OpenRecording | None:
+        """Like find(), but opened: the caller serves exactly the file it stat'ed."""
+        if not valid_record_id(record_id):
+            return None
+        for candidate in self._order(ext):
+            path = self._path(record_id, candidate)
+            try:
+                # O_NOFOLLOW: a symlink planted in the recordings dir is not followed out of it.
+                # O_NONBLOCK: a FIFO under that name cannot hang the greenlet (it is refused below).
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                    log.warning("cannot open recording %s: %s", path.name, exc.strerror)
+                continue
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    os.close(fd)
+                    continue
+                file = os.fdopen(fd, "rb", buffering=0)
+            except BaseException:
+                os.close(fd)
+                raise
+            return OpenRecording(file, st.st_size, st.st_mtime, st.st_mtime_ns, CONTENT_TYPES[candidate],
+                                 candidate)
+        return None
