@@ -304,8 +304,8 @@ def from_mapping(raw: Any, env: Mapping[str, str] | None = None) -> Config:
         raw = {}
     if not isinstance(raw, Mapping):
         raise ConfigError("config: expected a YAML mapping at the top level")
-    top = _apply(Config, raw, "", env)
     sections = {name: cls(**_apply(cls, raw.get(name), f"{name}.", env)) for name, cls in _SECTIONS.items()}
+    top = _apply(Config, raw, "", env)
     cfg = Config(**sections, **top)
     _cross_check(cfg)
     return cfg

@@ -190,6 +190,7 @@ class CallTracker:
             return
         a.peers.add(b.uuid)
         b.peers.add(a.uuid)
+        a.last_seen = b.last_seen = self.seen
         roles = {a.role: a, b.role: b}
         customer, manager = roles.get(CUSTOMER), roles.get(MANAGER)
         if customer is None or manager is None:

@@ -11,6 +11,7 @@ events go straight to `on_event`, which must not block (the call model).
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import uuid
 from collections.abc import Callable
@@ -104,10 +105,8 @@ class EslConnection(InboundESL):
         self.connected = False
         self._run = False
         if self.sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 self.sock.close()
-            except OSError:
-                pass
         failure = EslDisconnected(f"event socket closed: {reason}")
         while self._pending:
             self._pending.popleft().set_exception(failure)
@@ -121,10 +120,8 @@ class EslConnection(InboundESL):
     def stop(self) -> None:
         self._stopping = True
         if self.connected:
-            try:
+            with contextlib.suppress(EslError):
                 self.send("exit", timeout=2.0)
-            except EslError:
-                pass
         self.close("stopped")
         if self._reader is not None and self._reader is not gevent.getcurrent():
             self._reader.join(timeout=2.0)
