@@ -108,11 +108,33 @@ def test_truncated_frame_waits_for_the_rest() -> None:
         raw.count(b"\nContent-Type: text/event-plain\n")
 
 
-@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]"])
-def test_malformed_json_event_is_a_protocol_error(body: bytes) -> None:
-    frame = FrameReader().feed(b"Content-Length: %d\nContent-Type: text/event-json\n\n" % len(body) + body)[0]
+def json_frame(body: bytes):
+    return FrameReader().feed(b"Content-Length: %d\nContent-Type: text/event-json\n\n" % len(body) + body)[0]
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b"plain text"])
+def test_json_event_that_is_not_an_object_is_a_protocol_error(body: bytes) -> None:
     with pytest.raises(ProtocolError):
-        parse_event(frame)
+        parse_event(json_frame(body))
+
+
+@pytest.mark.parametrize("body", [b'{"Event-Name":"X","Unique-ID":"unterminated}',
+                                  b'{"Event-Name":"X","Unique-ID":"bad \\u12 escape"}',
+                                  b'{ "Event-Name": "X", "Unique-ID": oops }'])
+def test_broken_json_values_are_protocol_errors_when_read(body: bytes) -> None:
+    event = parse_event(json_frame(body))
+    with pytest.raises(ProtocolError):
+        event.get("Unique-ID")
+
+
+def test_lazy_lookups_agree_with_the_strict_full_parse() -> None:
+    for fmt in ("plain", "json"):
+        raw = (ESL / f"inbound_answered.{fmt}.raw").read_bytes()
+        for event in events_of(raw):
+            full = dict(event)  # iterating decodes every header strictly
+            for key, value in full.items():
+                assert event.get(key) == value, (fmt, key)
+            assert event.get("No-Such-Header") is None
 
 
 def test_plain_event_line_without_separator_is_rejected() -> None:

@@ -168,12 +168,16 @@ class EslConnection(InboundESL):
                 log.warning("event socket: skipped a malformed event (%s)", exc)
                 return
             self.events_received += 1
-            if event.get("Event-Name") == "BACKGROUND_JOB":
-                job = self._jobs.pop(event.get("Job-UUID", ""), None)
-                if job is not None:
-                    job.set(event.get("_body", ""))
             try:
+                if event.get("Event-Name") == "BACKGROUND_JOB":
+                    job = self._jobs.pop(event.get("Job-UUID", ""), None)
+                    if job is not None:
+                        job.set(event.get("_body", ""))
                 self.on_event(event)
+            except ProtocolError as exc:
+                # Headers are decoded lazily, so a broken value shows up here, not above.
+                self.bad_events += 1
+                log.warning("event socket: skipped a malformed event (%s)", exc)
             except Exception:
                 log.exception("event handler failed on %s", event.get("Event-Name"))
         elif kind in ("command/reply", "api/response"):

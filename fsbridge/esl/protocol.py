@@ -9,13 +9,14 @@ value is decoded on its own, and a body stays a body.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
 MAX_HEADER_BYTES = 64 * 1024
 MAX_BODY_BYTES = 32 * 1024 * 1024
 
-Event = dict[str, str]
+Event = Mapping[str, str]
 """An event: header name -> decoded value; a body, if any, under "_body" (FreeSWITCH's JSON key)."""
 
 
@@ -86,6 +87,13 @@ class FrameReader:
 
 def parse_header_block(block: bytes) -> dict[str, str]:
     """'Name: value' lines of a frame's envelope (values are not URL-encoded here)."""
+    if block.startswith(b"Content-Length: ") and block.count(b"\n") == 1:
+        # The envelope of nearly every event frame; worth a fast path at 100k events/s.
+        first, _, second = block.partition(b"\n")
+        name, sep, value = second.partition(b": ")
+        if sep:
+            return {"Content-Length": first[16:].decode("ascii", "replace").strip(),
+                    name.decode("utf-8", "replace"): value.decode("utf-8", "replace").strip()}
     headers: dict[str, str] = {}
     for line in block.decode("utf-8", "replace").split("\n"):
         name, sep, value = line.partition(": ")
@@ -100,13 +108,149 @@ def parse_header_block(block: bytes) -> dict[str, str]:
 def parse_event(frame: Frame) -> Event:
     """The event carried by a text/event-json or text/event-plain frame."""
     if frame.content_type == "text/event-json":
-        return parse_json_event(frame.body)
+        body = frame.body.strip()
+        if not (body.startswith(b"{") and body.endswith(b"}")):
+            raise ProtocolError("event-json body is not a JSON object")
+        return JsonEvent(body)
     if frame.content_type == "text/event-plain":
-        return parse_plain_event(frame.body)
+        return PlainEvent(frame.body)
     raise ProtocolError(f"not an event frame: {frame.content_type[:40]!r}")
 
 
-def parse_json_event(body: bytes) -> Event:
+class _LazyEvent(Mapping[str, str]):
+    """An event whose headers are decoded only when asked for.
+
+    A channel event has ~150 headers and fsbridge reads about five of them, so finding
+    those few in the raw body is several times cheaper than decoding all of them (the
+    ingest benchmark measures it). Lookups are anchored so that they can only match a
+    real header (see the subclasses); iterating decodes everything, strictly.
+    """
+
+    __slots__ = ("_body", "_cache", "_full")
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self._cache: dict[str, str | None] = {}
+        self._full: dict[str, str] | None = None
+
+    def _find(self, key: str) -> str | None:
+        raise NotImplementedError
+
+    def _parse_all(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    def get(self, key: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        try:
+            value = self._cache[key]
+        except KeyError:
+            value = self._cache[key] = self._find(key)
+        return default if value is None else value
+
+    def __getitem__(self, key: str) -> str:
+        value = self.get(key)
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self.get(key) is not None
+
+    def full(self) -> dict[str, str]:
+        if self._full is None:
+            self._full = self._parse_all()
+        return self._full
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.full())
+
+    def __len__(self) -> int:
+        return len(self.full())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.get('Event-Name')!r}, {self.get('Unique-ID')!r})"
+
+
+class PlainEvent(_LazyEvent):
+    """text/event-plain: 'Name: url-encoded value' lines. FreeSWITCH encodes every value,
+    so a raw newline never occurs inside one and a lookup anchored at a line start can
+    only find a real header, however a caller spells its caller-id name."""
+
+    __slots__ = ("_head_end",)
+
+    def __init__(self, body: bytes) -> None:
+        super().__init__(body)
+        end = body.find(b"\n\n")
+        self._head_end = len(body) if end < 0 else end
+
+    def _find(self, key: str) -> str | None:
+        body = self._body
+        if key == "_body":
+            length = self.get("Content-Length")
+            if length is None or not length.isdigit():
+                return None
+            start = self._head_end + 2
+            return body[start:start + int(length)].decode("utf-8", "replace")
+        needle = key.encode() + b": "
+        if body.startswith(needle):
+            pos = 0
+        else:
+            pos = body.find(b"\n" + needle, 0, self._head_end)
+            if pos < 0:
+                return None
+            pos += 1
+        start = pos + len(needle)
+        end = body.find(b"\n", start, self._head_end + 1)
+        raw = body[start:end if end >= 0 else self._head_end].decode("utf-8", "replace")
+        return unquote(raw) if "%" in raw else raw
+
+    def _parse_all(self) -> dict[str, str]:
+        return parse_plain_event(self._body)
+
+
+class JsonEvent(_LazyEvent):
+    """text/event-json: one object of string values. Inside a JSON string every '"' is
+    escaped, so '"Name":"' can only occur where a key really is."""
+
+    __slots__ = ("_compact",)
+
+    def __init__(self, body: bytes) -> None:
+        super().__init__(body)
+        # FreeSWITCH prints JSON unformatted; anything else gets the strict full parse.
+        self._compact = body.startswith(b'{"') and b'":"' in body[:80]
+
+    def _find(self, key: str) -> str | None:
+        body = self._body
+        if not self._compact:
+            return self.full().get(key)
+        needle = b'"' + key.encode() + b'":"'
+        pos = body.find(needle)
+        if pos < 0:
+            # Not a string-valued key: absent, or a list/number; the full parse decides.
+            return self.full().get(key) if body.find(b'"' + key.encode() + b'":') >= 0 else None
+        start = end = pos + len(needle)
+        while True:
+            end = body.find(b'"', end)
+            if end < 0:
+                raise ProtocolError(f"event-json value of {key} is not terminated")
+            backslashes = 0
+            while body[end - 1 - backslashes] == 0x5C:  # count the backslashes before the quote
+                backslashes += 1
+            if backslashes % 2 == 0:
+                break
+            end += 1
+        raw = body[start:end]
+        if b"\\" in raw:
+            try:
+                return json.loads(b'"' + raw + b'"')
+            except ValueError:
+                raise ProtocolError(f"event-json value of {key} is not valid JSON") from None
+        return raw.decode("utf-8", "replace")
+
+    def _parse_all(self) -> dict[str, str]:
+        return parse_json_event(self._body)
+
+
+def parse_json_event(body: bytes) -> dict[str, str]:
     try:
         data = json.loads(body)
     except ValueError as exc:
@@ -121,7 +265,7 @@ def parse_json_event(body: bytes) -> Event:
     return data
 
 
-def parse_plain_event(body: bytes) -> Event:
+def parse_plain_event(body: bytes) -> dict[str, str]:
     text = body.decode("utf-8", "replace")
     head, sep, rest = text.partition("\n\n")
     event: Event = {}
