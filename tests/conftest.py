@@ -6,12 +6,65 @@ from gevent import monkey
 monkey.patch_all()
 
 import pathlib  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
 
+from fsbridge import config  # noqa: E402
+
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+API_KEY = "test-api-key-0123456789"
+CLIENT_ID = "test-client-id-0123456789abcdef"
 
 
 @pytest.fixture(scope="session")
 def fixtures_dir() -> pathlib.Path:
     return FIXTURES
+
+
+def settings(fs_port: int = 8021, crm_url: str = "http://127.0.0.1:9", **sections: dict[str, Any]) -> dict:
+    """A valid raw config for the captured lab PBX (fixtures/README.md), with overrides per section."""
+    raw: dict[str, Any] = {
+        "freeswitch": {"host": "127.0.0.1", "port": fs_port, "password": "ClueCon", "connect_timeout": 2.0,
+                       "command_timeout": 3.0},
+        "crm": {"url": crm_url, "api_key": API_KEY, "timezone": "Europe/Moscow", "card_max_age": 5.0},
+        "integration": {"client_id": CLIENT_ID, "public_url": "https://pbx.example.com"},
+        "http": {"listen": "127.0.0.1:0"},
+        "managers": {"100": 1, "200": 2},
+        "external_phones": {"74999999999": "shop1", "74999999998": "shop1"},
+    }
+    for name, values in sections.items():
+        if isinstance(values, dict) and isinstance(raw.get(name), dict):
+            raw[name] = {**raw[name], **values}
+        else:
+            raw[name] = values
+    return raw
+
+
+@pytest.fixture
+def make_config() -> Callable[..., config.Config]:
+    def make(**kwargs: Any) -> config.Config:
+        return config.from_mapping(settings(**kwargs), env={})
+    return make
+
+
+@pytest.fixture
+def fake_crm() -> Iterator[Any]:
+    from tests.fakes.retailcrm import FakeRetailCRM
+
+    crm = FakeRetailCRM(api_key=API_KEY, known_codes={"100", "200"}, known_user_ids={1, 2},
+                        known_sites={"shop1"})
+    crm.start()
+    yield crm
+    crm.stop()
+
+
+@pytest.fixture
+def simulator() -> Iterator[Any]:
+    from tests.fakes.freeswitch import FreeSwitchSimulator
+
+    sim = FreeSwitchSimulator(password="ClueCon")
+    sim.start()
+    yield sim
+    sim.stop()

@@ -1,0 +1,40 @@
+"""`fsbridge check` tells an admin what is wrong before they go live."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+import yaml
+
+from tests.conftest import settings
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def check(tmp_path: pathlib.Path, raw: dict) -> subprocess.CompletedProcess:
+    path = tmp_path / "fsbridge.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return subprocess.run([sys.executable, "-m", "fsbridge", "check", "--config", str(path)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+
+
+def test_check_passes_against_a_working_pbx_and_crm(tmp_path, simulator, fake_crm) -> None:
+    proc = check(tmp_path, settings(fs_port=simulator.port, crm_url=fake_crm.url))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("config: ok (2 manager(s), 2 external number(s))")
+    assert lines[1].startswith(f"freeswitch: ok (127.0.0.1:{simulator.port}")
+    assert lines[2].startswith("crm: ok")
+
+
+def test_check_names_each_failure(tmp_path, simulator, fake_crm) -> None:
+    raw = settings(fs_port=simulator.port, crm_url=fake_crm.url, freeswitch={"password": "wrong"},
+                   crm={"api_key": "not-the-right-key"})
+    proc = check(tmp_path, raw)
+    assert proc.returncode == 1
+    assert "freeswitch: FAILED: FreeSWITCH rejected the event socket password" in proc.stdout
+    assert 'crm: FAILED: ' in proc.stdout and 'Wrong "apiKey" value' in proc.stdout
+    assert "not-the-right-key" not in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
