@@ -240,6 +240,36 @@ class TrunkSettings:
     profiles: list = setting([], "Sofia profiles that face trunks only (e.g. external)", _names)
 
 
+def _template(value: Any) -> str:
+    text = _nonempty(value)
+    if not re.fullmatch(r"(?:[A-Za-z0-9_./@:+-]|\{code\}|\{phone\}|\{gateway\})+", text):
+        raise ValueError("expected a dial string of letters, digits, '_./@:+-' and {code}, {phone}, {gateway}")
+    return text
+
+
+def _gateway(value: Any) -> str:
+    text = _string(value)
+    if text and not _NAME.fullmatch(text):
+        raise ValueError("expected a sofia gateway name (letters, digits, '-', '_', '.')")
+    return text
+
+
+@dataclass(frozen=True)
+class OriginateSettings:
+    manager_dial: str = setting("user/{code}", "Dial string of a manager's phone; {code} is the extension",
+                                _template)
+    customer_dial: str = setting("sofia/gateway/{gateway}/{phone}",
+                                 "Dial string of a customer; {phone} is the number clicked in the CRM", _template)
+    gateway: str = setting("", "Sofia gateway for {gateway} in the dial strings (click-to-call is off while the "
+                                "dial strings need one and it is empty)", _gateway)
+    ring_timeout: int = setting(30, "Seconds the manager's phone rings before the click gives up",
+                                _number(5, 300, int))
+    ringing_wait: float = setting(5.0, "Seconds make-call waits for the manager's phone to start ringing",
+                                  _number(0.5, 30))
+    dedupe_window: float = setting(5.0, "The same click again within this many seconds starts no second call",
+                                   _number(0, 60))
+
+
 @dataclass(frozen=True)
 class Config:
     freeswitch: FreeSwitchSettings
@@ -247,6 +277,7 @@ class Config:
     integration: IntegrationSettings
     http: HttpSettings
     trunks: TrunkSettings
+    originate: OriginateSettings
     managers: dict = setting(_REQUIRED, "Manager extension -> retailCRM user id", _managers)
     external_phones: dict = setting({}, "External number (DID) -> shop (site) code", _phones)
 
@@ -261,6 +292,7 @@ _SECTIONS: dict[str, type] = {
     "integration": IntegrationSettings,
     "http": HttpSettings,
     "trunks": TrunkSettings,
+    "originate": OriginateSettings,
 }
 
 
@@ -312,6 +344,10 @@ def from_mapping(raw: Any, env: Mapping[str, str] | None = None) -> Config:
 
 
 def _cross_check(cfg: Config) -> None:
+    if "{code}" not in cfg.originate.manager_dial:
+        raise ConfigError("originate.manager_dial: expected {code} in it")
+    if "{phone}" not in cfg.originate.customer_dial:
+        raise ConfigError("originate.customer_dial: expected {phone} in it")
     overlap = set(cfg.managers) & set(cfg.external_phones)
     if overlap:
         raise ConfigError(f"external_phones: {sorted(overlap)[0]} is also a manager extension")
