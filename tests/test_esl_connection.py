@@ -47,7 +47,7 @@ def test_unanswered_command_times_out_and_closes_the_connection() -> None:
     peer = MutePeer()
     try:
         conn = connect(peer.port)
-        with pytest.raises(EslTimeout, match="did not answer 'api' within 0.5 s"):
+        with pytest.raises(EslTimeout, match=r"did not answer 'api' within 0\.5 s"):
             conn.api("status")
         assert conn.closed.is_set()
         with pytest.raises(EslDisconnected):
