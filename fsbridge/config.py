@@ -227,9 +227,57 @@ class IntegrationSettings:
     name: str = setting("FreeSWITCH", "Name shown in the CRM's integration list", _nonempty)
 
 
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("expected true or false")
+    return value
+
+
+def _optional_prefix(value: Any) -> str:
+    text = _string(value)
+    if text and not re.fullmatch(r"/[A-Za-z0-9_/-]*/", text):
+        raise ValueError('expected an nginx internal location such as "/_records/" (or empty)')
+    return text
+
+
+def _secrets(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ValueError("expected a list of secrets")
+    return [_secret(16)(v) for v in value]
+
+
 @dataclass(frozen=True)
 class HttpSettings:
     listen: str = setting("127.0.0.1:8088", "Address of fsbridge's HTTP API", _listen)
+    timeout: float = setting(60.0, "Seconds a connection may stay idle or stalled before it is closed",
+                             _number(1, 3600))
+    max_connections: int = setting(1000, "Concurrent HTTP connections at most", _number(1, 100_000, int))
+    zero_copy: bool = setting(True, "Send recordings with sendfile()", _bool)
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    dir: Path = setting("/var/lib/fsbridge", "Where fsbridge keeps its state (call outbox, manager statuses)",
+                        _path)
+
+
+@dataclass(frozen=True)
+class RecordsSettings:
+    dir: Path = setting("/usr/local/freeswitch/var/lib/freeswitch/recordings",
+                        "Where record_session writes <uuid>.wav (FreeSWITCH's $${recordings_dir})", _path)
+    link_secret: str = setting(_REQUIRED, "HMAC key of the recordUrl links the CRM stores forever",
+                               _secret(16), env="FSBRIDGE_RECORD_SECRET", secret=True)
+    previous_link_secrets: list = setting([], "Old link secrets still accepted after a rotation", _secrets,
+                                          secret=True)
+    prefer_mp3: bool = setting(False, "Convert recordings to MP3 after the call and link the MP3", _bool)
+    mp3_encoder: str = setting("auto", "MP3 encoder: auto, lame or ffmpeg (WAV is kept if none works)",
+                               _choice("auto", "lame", "ffmpeg"))
+    mp3_bitrate_kbps: int = setting(32, "MP3 bitrate", _number(8, 320, int))
+    accel_redirect_prefix: str = setting(
+        "", 'Behind nginx: answer with X-Accel-Redirect to this internal location (e.g. "/_records/")',
+        _optional_prefix)
 
 
 @dataclass(frozen=True)
@@ -276,6 +324,8 @@ class Config:
     crm: CrmSettings
     integration: IntegrationSettings
     http: HttpSettings
+    storage: StorageSettings
+    records: RecordsSettings
     trunks: TrunkSettings
     originate: OriginateSettings
     managers: dict = setting(_REQUIRED, "Manager extension -> retailCRM user id", _managers)
@@ -291,6 +341,8 @@ _SECTIONS: dict[str, type] = {
     "crm": CrmSettings,
     "integration": IntegrationSettings,
     "http": HttpSettings,
+    "storage": StorageSettings,
+    "records": RecordsSettings,
     "trunks": TrunkSettings,
     "originate": OriginateSettings,
 }

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import gevent
 from gevent.lock import RLock
 
 log = logging.getLogger(__name__)
@@ -59,8 +60,12 @@ class ManagerStatus:
             return {}
 
     def _save(self) -> None:
-        data = {"version": 1, "managers": self._entries}
-        payload = json.dumps(data, indent=1, sort_keys=True).encode()
+        payload = json.dumps({"version": 1, "managers": self._entries}, indent=1, sort_keys=True).encode()
+        # fsync blocks for milliseconds, and file I/O is not cooperative: do it in gevent's thread pool so
+        # the event socket reader and the HTTP server keep running meanwhile.
+        gevent.get_hub().threadpool.apply(self._write, (payload,))
+
+    def _write(self, payload: bytes) -> None:
         directory = self.path.parent
         directory.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=directory)

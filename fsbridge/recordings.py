@@ -132,6 +132,7 @@ class Recordings:
         if encoder not in ENCODERS:
             raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
         self.directory = Path(directory)
+        self._dir = os.fspath(self.directory)
         self.prefer_mp3 = prefer_mp3
         self.encoder = encoder
         self.bitrate_kbps = bitrate_kbps
@@ -179,14 +180,15 @@ class Recordings:
         if not valid_record_id(record_id):
             return None
         for candidate in self._order(ext):
-            path = self._path(record_id, candidate)
+            # Plain strings, not pathlib: this runs for every request of the record proxy.
+            path = f"{self._dir}/{record_id}.{candidate}"
             try:
                 # O_NOFOLLOW: a symlink planted in the recordings dir is not followed out of it.
                 # O_NONBLOCK: a FIFO under that name cannot hang the greenlet (it is refused below).
                 fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
             except OSError as exc:
                 if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
-                    log.warning("cannot open recording %s: %s", path.name, exc.strerror)
+                    log.warning("cannot open recording %s.%s: %s", record_id, candidate, exc.strerror)
                 continue
             try:
                 st = os.fstat(fd)

@@ -17,6 +17,15 @@ from fsbridge.crm.client import RetailCRM
 from fsbridge.esl.connection import EslConnection, EslError
 from fsbridge.esl.listener import EventListener
 from fsbridge.esl.protocol import Event
+from fsbridge.http.app import Router
+from fsbridge.http.make_call import MakeCallHandler
+from fsbridge.http.records import RecordsHandler
+from fsbridge.http.server import HttpServer
+from fsbridge.http.status import StatusHandler
+from fsbridge.manager_status import ManagerStatus
+from fsbridge.originate import DialPlan, Originator
+from fsbridge.record_links import RecordLinks
+from fsbridge.recordings import Recordings
 
 log = logging.getLogger("fsbridge")
 
@@ -47,9 +56,43 @@ class Bridge:
                                    on_finished=self.finished_sink)
         self.listener = EventListener(cfg.freeswitch, self.on_event, on_connect=self.reconcile)
         self._periodic: gevent.Greenlet | None = None
+        cfg.storage.dir.mkdir(parents=True, exist_ok=True)
+        self.statuses = ManagerStatus(cfg.storage.dir / "manager_status.json")
+        self.links = RecordLinks(cfg.integration.public_url, cfg.records.link_secret,
+                                 previous_secrets=tuple(cfg.records.previous_link_secrets))
+        self.recordings = Recordings(cfg.records.dir, prefer_mp3=cfg.records.prefer_mp3,
+                                     encoder=cfg.records.mp3_encoder, bitrate_kbps=cfg.records.mp3_bitrate_kbps)
+        self.originator = self._originator()
+        self.router = self._routes()
+        self.http = HttpServer(cfg.http.listen, self.router, zero_copy=cfg.http.zero_copy,
+                               timeout=cfg.http.timeout, max_connections=cfg.http.max_connections)
+
+    def _originator(self) -> Originator | None:
+        o = self.cfg.originate
+        try:
+            plan = DialPlan(manager_dial=o.manager_dial, customer_dial=o.customer_dial, gateway=o.gateway,
+                            ring_timeout=o.ring_timeout, ringing_wait=o.ringing_wait,
+                            dedupe_window=o.dedupe_window)
+        except ValueError as exc:
+            log.warning("click-to-call is off: originate.%s", exc)
+            return None
+        return Originator(self.listener, self.tracker, plan)
+
+    def _routes(self) -> Router:
+        cfg = self.cfg
+        router = Router()
+        StatusHandler(cfg.integration.client_id, cfg.manager_codes, self.statuses).register(router)
+        RecordsHandler(self.links, self.recordings,
+                       accel_redirect_prefix=cfg.records.accel_redirect_prefix or None).register(router)
+        if self.originator is not None:
+            MakeCallHandler(cfg.integration.client_id, cfg.managers, cfg.external_phones,
+                            self.originator).register(router)
+        return router
 
     def on_event(self, event: Event) -> None:
         self.tracker.handle(event)
+        if self.originator is not None:
+            self.originator.on_event(event)
 
     def reconcile(self, conn: EslConnection) -> int:
         snapshot = self.tracker.seen
@@ -57,6 +100,7 @@ class Bridge:
         return self.tracker.reconcile(live, snapshot)
 
     def start(self) -> None:
+        self.http.start()
         self.cards.start()
         self.listener.start()
         self._periodic = gevent.spawn(self._reconcile_periodically)
@@ -65,6 +109,7 @@ class Bridge:
         if self._periodic is not None:
             self._periodic.kill()
         self.listener.stop()
+        self.http.stop()
         self.cards.stop(timeout)
 
     def _reconcile_periodically(self) -> None:

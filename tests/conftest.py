@@ -23,7 +23,11 @@ def fixtures_dir() -> pathlib.Path:
     return FIXTURES
 
 
-def settings(fs_port: int = 8021, crm_url: str = "http://127.0.0.1:9", **sections: dict[str, Any]) -> dict:
+RECORD_SECRET = "test-record-secret-0123456789"
+
+
+def settings(fs_port: int = 8021, crm_url: str = "http://127.0.0.1:9", state_dir: str | None = None,
+             **sections: dict[str, Any]) -> dict:
     """A valid raw config for the captured lab PBX (fixtures/README.md), with overrides per section."""
     raw: dict[str, Any] = {
         "freeswitch": {"host": "127.0.0.1", "port": fs_port, "password": "ClueCon", "connect_timeout": 2.0,
@@ -31,6 +35,8 @@ def settings(fs_port: int = 8021, crm_url: str = "http://127.0.0.1:9", **section
         "crm": {"url": crm_url, "api_key": API_KEY, "timezone": "Europe/Moscow", "card_max_age": 5.0},
         "integration": {"client_id": CLIENT_ID, "public_url": "https://pbx.example.com"},
         "http": {"listen": "127.0.0.1:0"},
+        "storage": {"dir": state_dir or _tmp_state_dir()},
+        "records": {"dir": str(FIXTURES / "recordings"), "link_secret": RECORD_SECRET},
         "managers": {"100": 1, "200": 2},
         "external_phones": {"74999999999": "shop1", "74999999998": "shop1"},
     }
@@ -40,6 +46,12 @@ def settings(fs_port: int = 8021, crm_url: str = "http://127.0.0.1:9", **section
         else:
             raw[name] = values
     return raw
+
+
+def _tmp_state_dir() -> str:
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="fsbridge-state-")
 
 
 @pytest.fixture

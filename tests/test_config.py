@@ -20,6 +20,7 @@ def minimal() -> dict:
     return {
         "crm": {"url": "https://shop.retailcrm.ru", "api_key": "k" * 32, "timezone": "Europe/Moscow"},
         "integration": {"client_id": "c" * 32, "public_url": "https://pbx.example.com"},
+        "records": {"link_secret": "r" * 32},
         "managers": {"100": 1, 200: 2},
         "external_phones": {"+7 (499) 999-99-99": "shop1"},
     }

@@ -2,7 +2,7 @@
 
 retailCRM's limiter is undocumented (sliding window, fixed window or nginx-style leaky
 bucket are all plausible), so the limiter here admits no burst at all: request starts are
-spaced exactly 1/rate apart. That schedule satisfies every one of those algorithms, and
+spaced at least 1/rate apart. That schedule satisfies every one of those algorithms, and
 it costs almost nothing because the spacing (25 ms for telephony) is shorter than a
 round trip.
 """
@@ -17,11 +17,13 @@ import gevent
 
 
 class RateLimiter:
-    """Hands out start times at least `1/rate` seconds apart, first come first served.
+    """Lets one caller through at a time, at least `1/rate` seconds after the previous one.
 
-    A token bucket holding at most one token (equivalently GCRA with no burst tolerance).
-    Each caller books the next free slot and sleeps until it, so greenlets never spin and
-    the order of arrival is the order of admission.
+    A token bucket holding at most one token. The spacing is measured from the moment the
+    previous caller actually went through, not from when it was scheduled: if the process
+    stalls (a busy CPU, a GC pause) and a caller wakes late, the next one moves back with
+    it. Pre-booked time slots would instead let the overdue callers go out back to back,
+    and the server, which counts arrivals, would see a burst.
     """
 
     def __init__(
@@ -37,30 +39,28 @@ class RateLimiter:
         self.interval = 1.0 / rate
         self._clock = clock
         self._sleep = sleep
-        self._next_free = float("-inf")
-        # Nothing yields while the lock is held, so under gevent it is never contended; it
-        # only matters if the client is shared between real OS threads.
+        self._last = float("-inf")  # when the previous caller went through
+        # Held while waiting for the slot, so callers queue on it in arrival order; under
+        # monkey-patching this is gevent's cooperative lock.
         self._lock = threading.Lock()
 
-    def reserve(self, deadline: float | None = None) -> float | None:
-        """Book the next slot and return how long to wait for it.
-
-        Returns None, booking nothing, when that slot starts after `deadline` (a
-        clock() value): the caller would only waste a slot others could use.
-        """
-        with self._lock:
-            now = self._clock()
-            start = max(now, self._next_free)
-            if deadline is not None and start > deadline:
-                return None
-            self._next_free = start + self.interval
-            return start - now
-
     def acquire(self, deadline: float | None = None) -> bool:
-        """Wait for a slot; False (without waiting) when none is free before `deadline`."""
-        wait = self.reserve(deadline)
-        if wait is None:
+        """Wait for the next slot; False when it would come after `deadline` (a clock() value).
+
+        A refused caller consumes nothing, so the callers behind it are not delayed.
+        """
+        if deadline is None:
+            self._lock.acquire()
+        elif not self._lock.acquire(timeout=max(0.0, deadline - self._clock())):
             return False
-        if wait > 0:
-            self._sleep(wait)
-        return True
+        try:
+            now = self._clock()
+            start = max(now, self._last + self.interval)
+            if deadline is not None and start > deadline:
+                return False
+            if start > now:
+                self._sleep(start - now)
+            self._last = self._clock()
+            return True
+        finally:
+            self._lock.release()

@@ -23,30 +23,70 @@ log = logging.getLogger("fsbridge.http")
 MAX_QUERY_FIELDS = 50
 
 
-class Headers(Mapping[str, str]):
-    """Read-only request headers with case-insensitive names."""
+_CGI_HEADERS = {"CONTENT_TYPE", "CONTENT_LENGTH"}
 
-    __slots__ = ("_items",)
+
+def _environ_key(name: str) -> str:
+    key = name.upper().replace("-", "_")
+    return key if key in _CGI_HEADERS else "HTTP_" + key
+
+
+class Headers(Mapping[str, str]):
+    """Read-only request headers with case-insensitive names (lower-case when iterated)."""
+
+    __slots__ = ("_environ", "_items")
 
     def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
-        self._items: dict[str, str] = {}
-        for name, value in items:
-            self._items[name.lower()] = value
+        self._environ: Mapping[str, Any] | None = None
+        self._items: dict[str, str] | None = {name.lower(): value for name, value in items}
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, Any]) -> Headers:
+        """A view of a WSGI environ: a lookup is one dict access, nothing is copied up front."""
+        headers = cls()
+        headers._environ, headers._items = environ, None
+        return headers
+
+    def _all(self) -> dict[str, str]:
+        if self._items is None:
+            env = self._environ or {}
+            self._items = {
+                (k[5:] if k.startswith("HTTP_") else k).replace("_", "-").lower(): str(v)
+                for k, v in env.items()
+                if k.startswith("HTTP_") or (k in _CGI_HEADERS and v)
+            }
+        return self._items
+
+    def _lookup(self, name: str) -> str | None:
+        if self._environ is not None:
+            key = _environ_key(name)
+            value = self._environ.get(key)
+            if value is None or (value == "" and key in _CGI_HEADERS):  # CGI style: empty means absent
+                return None
+            return str(value)
+        return self._all().get(name.lower())
 
     def __getitem__(self, name: str) -> str:
-        return self._items[name.lower()]
+        value = self._lookup(name)
+        if value is None:
+            raise KeyError(name)
+        return value
+
+    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
+        value = self._lookup(name)
+        return default if value is None else value
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name.lower() in self._items
+        return isinstance(name, str) and self._lookup(name) is not None
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._items)
+        return iter(self._all())
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._all())
 
     def __repr__(self) -> str:
-        return f"Headers({self._items!r})"
+        return f"Headers({self._all()!r})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +155,8 @@ class Response:
 
 
 Handler = Callable[[Request], Response]
+
+_STATUS_LINES = {int(s): f"{int(s)} {s.phrase}" for s in HTTPStatus}
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,7 +291,7 @@ class Router:
             raw_query = str(environ.get("QUERY_STRING", "")).encode("latin-1")
             if route is not None and not route.parse_query:
                 raw_query = b""
-            pairs = parse_qsl(raw_query, keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS)
+            pairs = parse_qsl(raw_query, keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS) if raw_query else []
             query: dict[str, str] = {}
             for raw_name, raw_value in pairs:
                 name, value = raw_name.decode("utf-8"), raw_value.decode("utf-8")
@@ -258,14 +300,8 @@ class Router:
                     # way to slip a second clientId or phone past a check.
                     raise BadRequest("repeated query parameter")
                 query[name] = value
-        except (UnicodeError, ValueError) as exc:
-            if isinstance(exc, BadRequest):
-                raise
+        except (UnicodeError, ValueError):  # not UTF-8, or more than MAX_QUERY_FIELDS fields
             raise BadRequest("malformed path or query") from None
-        items = [(k[5:].replace("_", "-"), str(v)) for k, v in environ.items() if k.startswith("HTTP_")]
-        for key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
-            if environ.get(key):
-                items.append((key.replace("_", "-"), str(environ[key])))
         body = b""
         if method not in ("GET", "HEAD", "OPTIONS"):
             stream = environ.get("wsgi.input")
@@ -273,7 +309,7 @@ class Router:
                 body = stream.read(self.max_body_bytes + 1)
                 if len(body) > self.max_body_bytes:
                     raise BadRequest("request body too large", 413)
-        return Request(method, path, query, Headers(items), str(environ.get("REMOTE_ADDR", "")), body)
+        return Request(method, path, query, Headers.from_environ(environ), str(environ.get("REMOTE_ADDR", "")), body)
 
     def wsgi(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         """The WSGI application."""
@@ -301,12 +337,9 @@ class Router:
         else:
             iterable = body
 
+        status = _STATUS_LINES.get(response.status) or f"{response.status} Unknown"
         try:
-            phrase = HTTPStatus(response.status).phrase
-        except ValueError:
-            phrase = "Unknown"
-        try:
-            start_response(f"{response.status} {phrase}", list(headers.items()))
+            start_response(status, list(headers.items()))
         except Exception as exc:
             # e.g. a CR/LF in a header value, refused by the server: never send half a response.
             _close(iterable)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from email.utils import formatdate, parsedate_to_datetime
+from functools import lru_cache
 from typing import Literal
 
 from fsbridge.http.app import FileBody, Request, Response, Router
@@ -74,6 +75,11 @@ def _etag_list(header: str) -> list[str]:
 def _weak_match(header: str, etag: str) -> bool:
     """If-None-Match uses the weak comparison: W/ prefixes are ignored."""
     return any(tag == "*" or tag.removeprefix("W/") == etag for tag in _etag_list(header))
+
+
+@lru_cache(maxsize=256)
+def _format_date(mtime: int) -> str:
+    return formatdate(mtime, usegmt=True)
 
 
 def _http_date(header: str) -> float | None:
@@ -147,7 +153,7 @@ class RecordsHandler:
 
     def _respond(self, request: Request, record_id: str, rec: OpenRecording) -> Response:
         etag = f'"{rec.mtime_ns:x}-{rec.size:x}"'
-        last_modified = formatdate(rec.mtime, usegmt=True)
+        last_modified = _format_date(int(rec.mtime))
         headers = {
             "Content-Type": rec.content_type,
             "Accept-Ranges": "bytes",

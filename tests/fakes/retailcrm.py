@@ -215,7 +215,7 @@ class FakeRetailCRM:
         self.uploads: list[Upload] = []
         self.requests: list[RecordedRequest] = []
         self.rate_limited = 0
-        self.managers_by_phone: dict[str, dict[str, Any]] = {}
+        self.managers_by_phone: dict[str, dict[str, Any] | None] = {}
         self.customers_by_phone: dict[str, dict[str, Any]] = {}
         # Manager id -> status; managers not listed are "free".
         self.manager_status: dict[int, str] = {}
@@ -581,7 +581,8 @@ class FakeRetailCRM:
             gevent.sleep(self.manager_latency)
 
         wanted = _digits(phone)
-        manager = next((m for p, m in self.managers_by_phone.items() if _digits(p) == wanted), None)
+        listed = next((p for p in self.managers_by_phone if _digits(p) == wanted), None)
+        manager = self.managers_by_phone[listed] if listed is not None else None
         if (
             manager is not None
             and params.get("ignoreStatus") != "1"
@@ -591,6 +592,9 @@ class FakeRetailCRM:
         reply: dict[str, Any] = {"success": True}
         if manager is not None:
             reply["manager"] = manager
+        elif listed is not None and self.managers_by_phone[listed] is None:
+            # A phone mapped to None answers "manager": null, the other shape the doc allows.
+            reply["manager"] = None
         if params.get("details") == "1":
             customer = next(
                 (c for p, c in self.customers_by_phone.items() if _digits(p) == wanted), None
