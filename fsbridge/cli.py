@@ -7,17 +7,10 @@ import logging
 import sys
 from collections.abc import Callable
 
-from fsbridge import __version__
+from fsbridge import __version__, logs
 from fsbridge.config import Config, ConfigError, load
 
 log = logging.getLogger("fsbridge")
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # urllib3 logs full URLs (with the manager lookup's phone numbers) at DEBUG; keep it quiet.
-    logging.getLogger("urllib3").setLevel(logging.WARNING)
 
 
 def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
@@ -49,6 +42,8 @@ def cmd_check(cfg: Config, args: argparse.Namespace) -> int:
 
     ok = True
     print(f"config: ok ({len(cfg.managers)} manager(s), {len(cfg.external_phones)} external number(s))")
+    if args.config_only:
+        return 0
     try:
         conn = EventListener(cfg.freeswitch, lambda ev: None).connect_once()
         version = conn.api("version").strip()
@@ -66,8 +61,32 @@ def cmd_check(cfg: Config, args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_register(cfg: Config, args: argparse.Namespace) -> int:
+    from fsbridge.registration import RegistrationError, register
+
+    try:
+        print(register(cfg))
+    except RegistrationError as exc:
+        print(exc)
+        return 1
+    return 0
+
+
+def cmd_info(cfg: Config, args: argparse.Namespace) -> int:
+    from fsbridge.registration import RegistrationError, info
+
+    try:
+        print(info(cfg))
+    except RegistrationError as exc:
+        print(exc)
+        return 1
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, Callable[[Config, argparse.Namespace], int]]] = {
     "run": ("connect to FreeSWITCH and retailCRM and serve until stopped", cmd_run),
+    "register": ("create or update the integration module in retailCRM from the config", cmd_register),
+    "info": ("show the integration module as retailCRM has it, and where it differs from the config", cmd_info),
     "check": ("validate the config, log in to FreeSWITCH's event socket and check the CRM key", cmd_check),
 }
 
@@ -79,7 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (help_text, _) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", "-c", default="/etc/fsbridge/fsbridge.yaml", help="YAML config file")
-        p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+        p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                       help="overrides log.level of the config")
+        if name == "check":
+            p.add_argument("--config-only", action="store_true", help="only validate the file (no network)")
     return parser
 
 
@@ -89,12 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     from gevent import monkey
 
     monkey.patch_all()
-    _setup_logging(args.log_level)
     try:
         cfg = load(args.config)
     except ConfigError as exc:
         print(f"fsbridge: config error: {exc}", file=sys.stderr)
         return 2
+    logs.setup(args.log_level or cfg.log.level, cfg.log.format, cfg.secrets)
     return COMMANDS[args.command][1](cfg, args)
 
 

@@ -157,6 +157,18 @@ def _phones(value: Any) -> dict[str, str]:
     return out
 
 
+def _networks(value: Any) -> list[str]:
+    if not isinstance(value, list) or not value:
+        raise ValueError('expected a list of IP addresses or networks, e.g. ["127.0.0.0/8", "::1"]')
+    out: list[str] = []
+    for item in value:
+        try:
+            out.append(str(ipaddress.ip_network(str(item).strip(), strict=False)))
+        except ValueError:
+            raise ValueError(f"expected IP addresses or networks (CIDR), got {item!r}") from None
+    return out
+
+
 def _names(value: Any) -> list[str]:
     if value is None:
         return []
@@ -258,6 +270,13 @@ class HttpSettings:
 
 
 @dataclass(frozen=True)
+class LogSettings:
+    level: str = setting("info", "debug, info, warning or error", _choice("debug", "info", "warning", "error"))
+    format: str = setting("text", "text (one readable line per thing) or json (one object per line)",
+                          _choice("text", "json"))
+
+
+@dataclass(frozen=True)
 class StorageSettings:
     dir: Path = setting("/var/lib/fsbridge", "Where fsbridge keeps its state (call outbox, manager statuses)",
                         _path)
@@ -278,6 +297,25 @@ class RecordsSettings:
     accel_redirect_prefix: str = setting(
         "", 'Behind nginx: answer with X-Accel-Redirect to this internal location (e.g. "/_records/")',
         _optional_prefix)
+
+
+@dataclass(frozen=True)
+class RoutingSettings:
+    timeout: float = setting(
+        1.0, "Seconds GET /routing/manager waits for retailCRM's responsible manager before answering empty (the "
+        "dialplan then takes its fallback); keep it below the Lua script's fsbridge_timeout", _number(0.1, 10))
+    cache_ttl: float = setting(60.0, "Seconds a caller's responsible manager is remembered (0: ask every call)",
+                               _number(0, 86400))
+    negative_ttl: float = setting(10.0, "Seconds an answer of \"no manager\" is remembered (0: ask every call)",
+                                  _number(0, 3600))
+    cache_size: int = setting(10000, "Callers remembered at most; the least recently used are forgotten first",
+                              _number(1, 1_000_000, int))
+    ignore_status: bool = setting(
+        False, "Ask retailCRM with ignoreStatus=1 and leave the decision to the statuses it sends fsbridge "
+        "(changeUserStatusUrl); by default a manager must be free in both", _bool)
+    allow_from: list = setting(["127.0.0.0/8", "::1/128"],
+                               "Who may ask GET /routing/manager (FreeSWITCH on this host by default); requests "
+                               "that came through a reverse proxy are refused whatever this says", _networks)
 
 
 @dataclass(frozen=True)
@@ -326,6 +364,8 @@ class Config:
     http: HttpSettings
     storage: StorageSettings
     records: RecordsSettings
+    log: LogSettings
+    routing: RoutingSettings
     trunks: TrunkSettings
     originate: OriginateSettings
     managers: dict = setting(_REQUIRED, "Manager extension -> retailCRM user id", _managers)
@@ -335,6 +375,12 @@ class Config:
     def manager_codes(self) -> frozenset[str]:
         return frozenset(self.managers)
 
+    @property
+    def secrets(self) -> list[str]:
+        """Every secret value, for the log filter that masks them."""
+        return [self.crm.api_key, self.integration.client_id, self.freeswitch.password,
+                self.records.link_secret, *self.records.previous_link_secrets]
+
 
 _SECTIONS: dict[str, type] = {
     "freeswitch": FreeSwitchSettings,
@@ -343,6 +389,8 @@ _SECTIONS: dict[str, type] = {
     "http": HttpSettings,
     "storage": StorageSettings,
     "records": RecordsSettings,
+    "log": LogSettings,
+    "routing": RoutingSettings,
     "trunks": TrunkSettings,
     "originate": OriginateSettings,
 }

@@ -56,6 +56,7 @@ class DialPlan:
     ring_timeout: int = 30         # seconds the manager's phone rings
     ringing_wait: float = 5.0      # how long the HTTP request waits for the phone to start ringing
     dedupe_window: float = 5.0     # the same click again within this many seconds starts no second call
+    record_dir: str = ""           # record the call to <record_dir>/<call id>.wav, like the inbound dialplan
 
     def __post_init__(self) -> None:
         for name in ("manager_dial", "customer_dial"):
@@ -67,6 +68,8 @@ class DialPlan:
             raise ValueError("customer_dial: must contain {phone}")
         if not GATEWAY_RE.fullmatch(self.gateway):
             raise ValueError("gateway: a sofia gateway name (letters, digits, '_.-')")
+        if self.record_dir and not re.fullmatch(r"/[A-Za-z0-9_./-]*", self.record_dir):
+            raise ValueError("record_dir: an absolute path of letters, digits and '_./-'")
         if "{gateway}" in self.customer_dial + self.manager_dial and not self.gateway:
             raise ValueError("gateway: missing; the dial-string templates use {gateway}")
 
@@ -110,6 +113,10 @@ def originate_command(click: Click, plan: DialPlan, call_uuid: str) -> str:
     manager_vars = [f"origination_uuid={call_uuid}", f"origination_caller_id_number={click.phone}",
                     f"origination_caller_id_name={click.phone}", f"originate_timeout={plan.ring_timeout}",
                     "ignore_early_media=true", "fsbridge_click=true"]
+    if plan.record_dir:
+        # ${uuid} is left for FreeSWITCH to expand on the manager's leg: the call id.
+        manager_vars += ["RECORD_STEREO=true",
+                         f"execute_on_answer='record_session {plan.record_dir.rstrip('/')}/${{uuid}}.wav'"]
     customer_vars = ["fsbridge_click=true"]
     if click.external_phone:
         customer_vars += [f"origination_caller_id_number={click.external_phone}",

@@ -18,6 +18,8 @@ from fsbridge.esl.connection import EslConnection, EslError
 from fsbridge.esl.listener import EventListener
 from fsbridge.esl.protocol import Event
 from fsbridge.http.app import Router
+from fsbridge.http.logo import LogoHandler
+from fsbridge.http.lookup import RoutingHandler
 from fsbridge.http.make_call import MakeCallHandler
 from fsbridge.http.records import RecordsHandler
 from fsbridge.http.server import HttpServer
@@ -26,6 +28,7 @@ from fsbridge.manager_status import ManagerStatus
 from fsbridge.originate import DialPlan, Originator
 from fsbridge.record_links import RecordLinks
 from fsbridge.recordings import Recordings
+from fsbridge.routing import ManagerLookup
 
 log = logging.getLogger("fsbridge")
 
@@ -62,6 +65,10 @@ class Bridge:
                                  previous_secrets=tuple(cfg.records.previous_link_secrets))
         self.recordings = Recordings(cfg.records.dir, prefer_mp3=cfg.records.prefer_mp3,
                                      encoder=cfg.records.mp3_encoder, bitrate_kbps=cfg.records.mp3_bitrate_kbps)
+        r = cfg.routing
+        self.manager_lookup = ManagerLookup(self.crm, cfg.manager_codes, self.statuses, timeout=r.timeout,
+                                            cache_ttl=r.cache_ttl, negative_ttl=r.negative_ttl,
+                                            cache_size=r.cache_size, ignore_status=r.ignore_status)
         self.originator = self._originator()
         self.router = self._routes()
         self.http = HttpServer(cfg.http.listen, self.router, zero_copy=cfg.http.zero_copy,
@@ -72,7 +79,7 @@ class Bridge:
         try:
             plan = DialPlan(manager_dial=o.manager_dial, customer_dial=o.customer_dial, gateway=o.gateway,
                             ring_timeout=o.ring_timeout, ringing_wait=o.ringing_wait,
-                            dedupe_window=o.dedupe_window)
+                            dedupe_window=o.dedupe_window, record_dir=str(self.cfg.records.dir))
         except ValueError as exc:
             log.warning("click-to-call is off: originate.%s", exc)
             return None
@@ -82,6 +89,8 @@ class Bridge:
         cfg = self.cfg
         router = Router()
         StatusHandler(cfg.integration.client_id, cfg.manager_codes, self.statuses).register(router)
+        RoutingHandler(self.manager_lookup, allow_from=cfg.routing.allow_from).register(router)
+        LogoHandler().register(router)
         RecordsHandler(self.links, self.recordings,
                        accel_redirect_prefix=cfg.records.accel_redirect_prefix or None).register(router)
         if self.originator is not None:

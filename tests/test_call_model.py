@@ -264,3 +264,13 @@ def test_lost_hangup_complete_is_covered_by_destroy() -> None:
     rec = Recorder().feed(evs)
     assert rec.summary()[-1][-1] == "busy"
     assert rec.tracker.legs == {}
+
+
+def test_manager_busy_without_ringing_is_still_the_manager_of_the_missed_call() -> None:
+    """Do-not-disturb: FreeSWITCH ends the manager's leg with USER_BUSY before any ring (seen on 1.10.12)."""
+    evs = [e for e in capture.events("inbound_busy") if e["Event-Name"] not in ("CHANNEL_PROGRESS",
+                                                                                  "CHANNEL_PROGRESS_MEDIA")]
+    rec = Recorder().feed(evs)
+    assert rec.cards == [], "no ring, no card"
+    [call] = rec.finished
+    assert (call.manager_code, call.result, call.answered) == ("200", "busy", False)

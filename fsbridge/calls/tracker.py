@@ -270,7 +270,9 @@ class CallTracker:
             dialler = next((lg.code for lg in call.managers() if lg.code), None)
             code = call.talked or dialler
         else:
-            code = call.talked or (call.rang[-1] if call.rang else None)
+            # A phone that refused at once (busy, do-not-disturb) never rang but was still the one called.
+            dialled = [lg.code for lg in call.managers() if lg.code]
+            code = call.talked or (call.rang[-1] if call.rang else dialled[-1] if dialled else None)
         codes = tuple(dict.fromkeys(call.announced + call.rang))
         self.on_finished(FinishedCall(
             call_id=call.id, direction=call.direction, phone=call.phone, manager_code=code, codes=codes,

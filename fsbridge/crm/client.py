@@ -15,7 +15,7 @@ import socket
 import ssl
 import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import gevent
@@ -155,6 +155,7 @@ class RetailCRM:
         telephony_rate: float = 40.0,
         general_rate: float = 10.0,
         session: requests.Session | None = None,
+        observer: Callable[[str, str, int | None, float], None] | None = None,
     ) -> None:
         parts = urllib.parse.urlsplit(url.strip())
         if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -176,6 +177,8 @@ class RetailCRM:
             "telephony": RateLimiter(telephony_rate * PACING),
             "general": RateLimiter(general_rate * PACING),
         }
+        # Told of every attempt: (method, path, HTTP status or None when no reply, seconds); for metrics.
+        self.observer = observer
         self._own_session = session is None
         if session is None:
             session = requests.Session()
@@ -349,6 +352,8 @@ class RetailCRM:
                 raise CRMUnavailable(None, "deadline passed before the request was sent")
             connect_timeout = min(connect_timeout, remaining)
             read_timeout = min(read_timeout, remaining)
+        started = time.monotonic()
+        status: int | None = None
         try:
             # requests' read timeout is per socket read, so a trickling reply could outlive
             # the deadline; the gevent timeout caps the attempt as a whole.
@@ -363,6 +368,7 @@ class RetailCRM:
                     # A redirect would carry X-API-KEY to wherever it points.
                     allow_redirects=False,
                 )
+            status = response.status_code
         except _DeadlineHit:
             raise CRMUnavailable(None, "retailCRM did not answer before the deadline") from None
         except requests.ConnectTimeout:
@@ -379,6 +385,9 @@ class RetailCRM:
             raise CRMUnavailable(
                 None, f"request to retailCRM failed: {_describe_connection_error(exc)}"
             ) from None
+        finally:
+            if self.observer is not None:
+                self.observer(method, path, status, time.monotonic() - started)
         return self._interpret(response)
 
     def _interpret(self, response: requests.Response) -> tuple[int, dict[str, Any]]:

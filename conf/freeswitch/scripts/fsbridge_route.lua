@@ -231,7 +231,7 @@ function M.run(session, args)
     session:setVariable("originate_disposition", "")
     session:setVariable("fsbridge_manager", ext)
     local dial = M.dial_string(opts.dial, ext, opts.ring_timeout)
-    log("INFO", uuid .. ": ringing the responsible manager " .. ext)
+    log("info", uuid .. ": ringing the responsible manager " .. ext)
     session:execute("bridge", dial)
     if session:getVariable("originate_disposition") == "SUCCESS" or not session:ready() then
       return "bridged"
@@ -240,10 +240,10 @@ function M.run(session, args)
   end
   if not session:ready() then return "gone" end
   if not fallback then
-    log("ERR", uuid .. ": " .. tostring(why) .. ", and no fsbridge_fallback is set: the dialplan goes on")
+    log("err", uuid .. ": " .. tostring(why) .. ", and no fsbridge_fallback is set: the dialplan goes on")
     return "no fallback"
   end
-  log(string.find(why or "", "^lookup failed") and "WARNING" or "INFO", uuid .. ": " .. tostring(why) ..
+  log(string.find(why or "", "^lookup failed") and "warning" or "info", uuid .. ": " .. tostring(why) ..
     "; transferring to " .. fallback)
   session:execute("transfer", fallback)
   return "fallback"
@@ -273,7 +273,7 @@ end
 if session then
   local ok, err = pcall(M.run, session, argv)
   if not ok then
-    log("ERR", "script error: " .. tostring(err))
+    log("err", "script error: " .. tostring(err))
     local fallback = joined_args(argv or {}) or session:getVariable("fsbridge_fallback")
     if fallback and fallback ~= "" and session:ready() then session:execute("transfer", fallback) end
   end
