@@ -83,10 +83,17 @@ def cmd_info(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_outbox(cfg: Config, args: argparse.Namespace) -> int:
+    from fsbridge.history.outbox_cli import cmd_outbox as run
+
+    return run(cfg, args)
+
+
 COMMANDS: dict[str, tuple[str, Callable[[Config, argparse.Namespace], int]]] = {
     "run": ("connect to FreeSWITCH and retailCRM and serve until stopped", cmd_run),
     "register": ("create or update the integration module in retailCRM from the config", cmd_register),
     "info": ("show the integration module as retailCRM has it, and where it differs from the config", cmd_info),
+    "outbox": ("show the call-history outbox and re-queue calls the CRM refused", cmd_outbox),
     "check": ("validate the config, log in to FreeSWITCH's event socket and check the CRM key", cmd_check),
 }
 
@@ -102,15 +109,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="overrides log.level of the config")
         if name == "check":
             p.add_argument("--config-only", action="store_true", help="only validate the file (no network)")
+        if name == "outbox":
+            from fsbridge.history.outbox_cli import add_arguments
+
+            add_arguments(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    # Everything fsbridge does is cooperative (ESL, requests, the HTTP server).
+    # Everything fsbridge does is cooperative (ESL, requests, the HTTP server); patch before
+    # anything imports ssl or socket.
     from gevent import monkey
 
     monkey.patch_all()
+    args = build_parser().parse_args(argv)
     try:
         cfg = load(args.config)
     except ConfigError as exc:

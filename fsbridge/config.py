@@ -269,6 +269,36 @@ class HttpSettings:
     zero_copy: bool = setting(True, "Send recordings with sendfile()", _bool)
 
 
+def _optional_path(value: Any) -> Path | None:
+    text = _string(value)
+    return Path(text).expanduser() if text else None
+
+
+def _optional_code(value: Any) -> str:
+    text = _string(value)
+    if text and not _DIGITS.fullmatch(text):
+        raise ValueError("expected a manager extension (digits) or empty")
+    return text
+
+
+@dataclass(frozen=True)
+class HistorySettings:
+    strategy: str = setting("immediate", "immediate: upload within a second of hangup; periodic: every `period`",
+                            _choice("immediate", "periodic"))
+    period: float = setting(10.0, "Minutes between uploads with the periodic strategy", _number(0.1, 1440))
+    outbox_path: Path | None = setting("", "The call outbox (SQLite); empty: <storage.dir>/calls-outbox.sqlite3",
+                                       _optional_path)
+    concurrency: int = setting(4, "Upload requests in flight (to reach 40/s when the CRM is far away)",
+                               _number(1, 16, int))
+    retry_max_delay: float = setting(60.0, "Longest wait between retries while the CRM is down (retries never stop)",
+                                     _number(1, 3600))
+    keep_sent_days: int = setting(30, "Days delivered calls stay in the outbox (0: forever)", _number(0, 3650, int))
+    fsync: bool = setting(False, "fsync every outbox write: survives a power cut, not only a crash (slower)", _bool)
+    unassigned_code: str = setting(
+        "", "Extension credited with calls that reached no manager (the CRM needs one); empty: such calls are "
+        "quarantined", _optional_code)
+
+
 @dataclass(frozen=True)
 class LogSettings:
     level: str = setting("info", "debug, info, warning or error", _choice("debug", "info", "warning", "error"))
@@ -364,6 +394,7 @@ class Config:
     http: HttpSettings
     storage: StorageSettings
     records: RecordsSettings
+    history: HistorySettings
     log: LogSettings
     routing: RoutingSettings
     trunks: TrunkSettings
@@ -389,6 +420,7 @@ _SECTIONS: dict[str, type] = {
     "http": HttpSettings,
     "storage": StorageSettings,
     "records": RecordsSettings,
+    "history": HistorySettings,
     "log": LogSettings,
     "routing": RoutingSettings,
     "trunks": TrunkSettings,
@@ -444,6 +476,8 @@ def from_mapping(raw: Any, env: Mapping[str, str] | None = None) -> Config:
 
 
 def _cross_check(cfg: Config) -> None:
+    if cfg.history.unassigned_code and cfg.history.unassigned_code not in cfg.managers:
+        raise ConfigError("history.unassigned_code: expected one of the managers' extensions")
     if "{code}" not in cfg.originate.manager_dial:
         raise ConfigError("originate.manager_dial: expected {code} in it")
     if "{phone}" not in cfg.originate.customer_dial:

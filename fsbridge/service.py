@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 
 import gevent
 
+from fsbridge import history
 from fsbridge.calls.legs import Directory
 from fsbridge.calls.model import FinishedCall
 from fsbridge.calls.tracker import CallTracker
@@ -17,14 +19,17 @@ from fsbridge.crm.client import RetailCRM
 from fsbridge.esl.connection import EslConnection, EslError
 from fsbridge.esl.listener import EventListener
 from fsbridge.esl.protocol import Event
+from fsbridge.health import CrmReachability, Health
 from fsbridge.http.app import Router
 from fsbridge.http.logo import LogoHandler
 from fsbridge.http.lookup import RoutingHandler
 from fsbridge.http.make_call import MakeCallHandler
+from fsbridge.http.ops import OpsHandlers
 from fsbridge.http.records import RecordsHandler
 from fsbridge.http.server import HttpServer
 from fsbridge.http.status import StatusHandler
 from fsbridge.manager_status import ManagerStatus
+from fsbridge.metrics import Metrics
 from fsbridge.originate import DialPlan, Originator
 from fsbridge.record_links import RecordLinks
 from fsbridge.recordings import Recordings
@@ -50,19 +55,24 @@ class Bridge:
     def __init__(self, cfg: Config, *, crm: RetailCRM | None = None,
                  on_finished: Callable[[FinishedCall], None] | None = None) -> None:
         self.cfg = cfg
+        self.metrics = Metrics()
+        self.crm_health = CrmReachability()
         self.crm = crm or RetailCRM(cfg.crm.url, cfg.crm.api_key, timeout=cfg.crm.timeout,
                                     telephony_rate=cfg.crm.telephony_rate)
+        self.crm.observer = self._observe_crm
         self.cards = CardSender(self.crm, max_age=cfg.crm.card_max_age, workers=cfg.crm.card_workers,
                                 queue_size=cfg.crm.card_queue_size)
-        self.finished_sink = on_finished or self._log_finished
-        self.tracker = CallTracker(Directory.from_config(cfg), on_event=self.cards.submit,
-                                   on_finished=self.finished_sink)
-        self.listener = EventListener(cfg.freeswitch, self.on_event, on_connect=self.reconcile)
-        self._periodic: gevent.Greenlet | None = None
         cfg.storage.dir.mkdir(parents=True, exist_ok=True)
-        self.statuses = ManagerStatus(cfg.storage.dir / "manager_status.json")
         self.links = RecordLinks(cfg.integration.public_url, cfg.records.link_secret,
                                  previous_secrets=tuple(cfg.records.previous_link_secrets))
+        self.history = history.from_config(cfg, self.crm, links=self.links)
+        self.observer = on_finished
+        self.tracker = CallTracker(Directory.from_config(cfg), on_event=self.cards.submit,
+                                   on_finished=self._finished)
+        self.listener = EventListener(cfg.freeswitch, self.on_event, on_connect=self._after_connect)
+        self.last_event_at: float | None = None
+        self._periodic: gevent.Greenlet | None = None
+        self.statuses = ManagerStatus(cfg.storage.dir / "manager_status.json")
         self.recordings = Recordings(cfg.records.dir, prefer_mp3=cfg.records.prefer_mp3,
                                      encoder=cfg.records.mp3_encoder, bitrate_kbps=cfg.records.mp3_bitrate_kbps)
         r = cfg.routing
@@ -70,9 +80,21 @@ class Bridge:
                                             cache_ttl=r.cache_ttl, negative_ttl=r.negative_ttl,
                                             cache_size=r.cache_size, ignore_status=r.ignore_status)
         self.originator = self._originator()
+        self.health = Health(
+            esl_connected=lambda: self.listener.connected,
+            last_event_age=lambda: None if self.last_event_at is None else time.monotonic() - self.last_event_at,
+            heartbeat_timeout=cfg.freeswitch.heartbeat_timeout, workers_alive=self._dead_workers,
+            outbox_oldest_age=self.history.oldest_pending_age, outbox_max_age=self._outbox_max_age(),
+            crm=self.crm_health)
+        self._watch_levels()
         self.router = self._routes()
         self.http = HttpServer(cfg.http.listen, self.router, zero_copy=cfg.http.zero_copy,
                                timeout=cfg.http.timeout, max_connections=cfg.http.max_connections)
+
+    def _outbox_max_age(self) -> float:
+        """A call waiting longer than this means the history is stuck, not just between uploads."""
+        h = self.cfg.history
+        return 600.0 + (2 * h.period * 60 if h.strategy == "periodic" else 0.0)
 
     def _originator(self) -> Originator | None:
         o = self.cfg.originate
@@ -96,30 +118,57 @@ class Bridge:
         if self.originator is not None:
             MakeCallHandler(cfg.integration.client_id, cfg.managers, cfg.external_phones,
                             self.originator).register(router)
+        OpsHandlers(self.metrics, self.health).register(router)
         return router
 
+    # -- the reading path: no I/O but the outbox's single INSERT (see history/outbox.py) --
+
     def on_event(self, event: Event) -> None:
+        self.last_event_at = time.monotonic()
+        self.metrics.on_event(event.get("Event-Name") or "", event.get("Event-Date-Timestamp"))
         self.tracker.handle(event)
         if self.originator is not None:
             self.originator.on_event(event)
 
-    def reconcile(self, conn: EslConnection) -> int:
+    def _finished(self, call: FinishedCall) -> None:
+        self.history.on_finished(call)
+        if self.observer is not None:
+            self.observer(call)
+
+    def reconcile(self, conn: EslConnection, ended_by: float | None = None) -> int:
         snapshot = self.tracker.seen
         live = live_channel_uuids(conn)
-        return self.tracker.reconcile(live, snapshot)
+        return self.tracker.reconcile(live, snapshot, ended_by=ended_by)
+
+    def _after_connect(self, conn: EslConnection) -> None:
+        # Calls that vanished while we were away were last known alive when the connection dropped.
+        self.reconcile(conn, ended_by=self.listener.disconnected_at)
+
+    # -- lifecycle --
 
     def start(self) -> None:
         self.http.start()
         self.cards.start()
+        self.history.start()
         self.listener.start()
         self._periodic = gevent.spawn(self._reconcile_periodically)
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop taking events, then flush what can be flushed within `timeout`; the outbox keeps the rest."""
+        deadline = time.monotonic() + timeout
         if self._periodic is not None:
             self._periodic.kill()
         self.listener.stop()
-        self.http.stop()
-        self.cards.stop(timeout)
+        self.cards.stop(max(0.0, deadline - time.monotonic()) / 2)
+        # Give the history a last chance to go out now rather than at the next start.
+        self.history.wake()
+        while self.history.outbox.pending() and self.history.alive and time.monotonic() < deadline - 1.0:
+            gevent.sleep(0.05)
+        self.history.stop(max(0.5, deadline - time.monotonic()))
+        pending = self.history.outbox.pending()
+        self.history.outbox.close()
+        self.http.stop(1.0)
+        log.info("stopped%s", f"; {pending} call(s) wait in the outbox for the next start" if pending else "")
 
     def _reconcile_periodically(self) -> None:
         while True:
@@ -132,6 +181,49 @@ class Bridge:
             except EslError as exc:
                 log.warning("periodic reconciliation skipped: %s", exc)
 
-    @staticmethod
-    def _log_finished(call: FinishedCall) -> None:
-        log.info("call %s %s %s finished: %s", call.call_id, call.direction, call.phone, call.result)
+    # -- operations --
+
+    def _observe_crm(self, method: str, path: str, status: int | None, seconds: float) -> None:
+        self.metrics.on_crm_request(method, path, status, seconds)
+        self.crm_health.observe(status)
+
+    def _dead_workers(self) -> list[str]:
+        dead = []
+        if not self.listener.running:
+            dead.append("event listener")
+        if not self.history.alive:
+            dead.append("history uploader")
+        if not self.cards.running:
+            dead.append("call-event workers")
+        return dead
+
+    def _watch_levels(self) -> None:
+        m, cards, tracker = self.metrics, self.cards, self.tracker
+        m.watch("fsbridge_calls_tracked", "Channels fsbridge follows now",
+                lambda: [({}, len(tracker.legs))])
+        m.watch("fsbridge_call_events_queued", "Call events waiting for delivery", lambda: [({}, cards.pending)])
+        m.watch("fsbridge_call_events_done_total", "Call events by outcome", lambda: [
+            ({"outcome": "sent"}, cards.sent), ({"outcome": "stale"}, cards.dropped_stale),
+            ({"outcome": "queue_full"}, cards.dropped_full), ({"outcome": "rejected"}, cards.rejected)],
+            counter=True)
+        m.watch("fsbridge_calls_finished_total", "Customer calls finished", lambda: [({}, tracker.calls_finished)],
+                counter=True)
+        m.watch("fsbridge_esl_reconnects_total", "Event socket connections re-established",
+                lambda: [({}, self.listener.reconnects)], counter=True)
+        m.watch("fsbridge_esl_events_lost_total", "Channels closed by reconciliation because their events were lost",
+                lambda: [({"how": "reconciled"}, tracker.closed_by_reconcile),
+                         ({"how": "listener_killed"}, self.listener.lost_listener)], counter=True)
+        m.watch("fsbridge_esl_connected", "1 while the event socket is connected",
+                lambda: [({}, 1.0 if self.listener.connected else 0.0)])
+
+        def outbox() -> list[tuple[dict[str, str], float]]:
+            st = self.history.status()
+            return [({"state": "pending"}, float(st["pending"])), ({"state": "quarantined"}, float(st["quarantined"]))]
+        m.watch("fsbridge_outbox_calls", "Calls in the history outbox by state", outbox)
+        m.watch("fsbridge_outbox_oldest_pending_seconds", "Age of the oldest call waiting for upload",
+                lambda: [({}, self.history.oldest_pending_age() or 0.0)])
+        if self.originator is not None:
+            o = self.originator
+            m.watch("fsbridge_originate_total", "Click-to-call attempts by result",
+                    lambda: [({"result": "ringing"}, o.started - o.failed), ({"result": "failed"}, o.failed)],
+                    counter=True)

@@ -294,12 +294,14 @@ class CallTracker:
 
     # -- after a reconnect, or periodically --
 
-    def reconcile(self, live: set[str], snapshot: int) -> int:
+    def reconcile(self, live: set[str], snapshot: int, ended_by: float | None = None) -> int:
         """Close legs FreeSWITCH no longer has. `snapshot` is `self.seen` when the channel
-        list was requested: legs touched after that may be newer than the list."""
+        list was requested: legs touched after that may be newer than the list. `ended_by`
+        (wall clock) is when they were last known alive, the connection loss: the best
+        estimate of their end, since FreeSWITCH restarts are the usual cause."""
         gone = [leg for leg in list(self.legs.values())
                 if not leg.ended and leg.uuid not in live and leg.last_seen <= snapshot]
-        now = int(time.time() * 1e6)
+        now = int((ended_by or time.time()) * 1e6)
         for leg in gone:
             self._end_leg(leg, leg.hangup_cause or "", now)
             self.legs.pop(leg.uuid, None)

@@ -36,6 +36,10 @@ class CardSender:
         self._greenlets: list[gevent.Greenlet] = []
 
     @property
+    def running(self) -> bool:
+        return bool(self._greenlets) and not any(g.dead for g in self._greenlets)
+
+    @property
     def pending(self) -> int:
         return sum(q.qsize() for q in self.queues)
 

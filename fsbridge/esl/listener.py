@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Callable
 
 import gevent
@@ -39,10 +40,16 @@ class EventListener:
         self.min_delay = min_delay
         self.connection: EslConnection | None = None
         self.reconnects = 0
+        self.lost_listener = 0        # times FreeSWITCH killed us for reading too slowly (events lost)
+        self.disconnected_at: float | None = None   # wall clock of the last connection loss
         self.last_error = ""
         self.connected_event = gevent.event.Event()
         self._running = False
         self._greenlet: gevent.Greenlet | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._greenlet is not None and not self._greenlet.dead
 
     @property
     def connected(self) -> bool:
@@ -102,6 +109,9 @@ class EventListener:
                     log.exception("after connecting: reconciliation failed")
             conn.closed.wait()
             self.connected_event.clear()
+            self.disconnected_at = time.time()
+            if "lost events" in conn.close_reason:
+                self.lost_listener += 1
             if self._running:
                 log.warning("lost FreeSWITCH (%s); reconnecting", conn.close_reason)
 

@@ -1,0 +1,354 @@
+"""The durable outbox of finished calls: SQLite in WAL mode.
+
+Every finished call is written here before anything is sent, and leaves the `pending` state only once
+retailCRM has confirmed it (or refused it for good: `quarantined`, with the CRM's reason). A crash at
+any moment therefore loses nothing and, because the CRM de-duplicates on `externalId`, a batch that
+was delivered but not yet marked is merely re-sent and counted as a duplicate.
+
+Why the write is a plain INSERT on the caller's path (the ESL reader), not handed to a writer thread:
+- An INSERT committed in WAL mode with synchronous=NORMAL is in the WAL file, i.e. in the kernel's page
+  cache, when execute() returns: it survives `kill -9` of fsbridge (not a power cut; `fsync=True`
+  buys that with an fsync per call, ~6x the cost).
+- It costs ~50 µs per call on the 2-core CI VM (bench/bench_upload.py), against ~700 µs to frame, parse
+  and track the ~57 events of a call: at 100 calls/s that is 0.5 % of a core, and the reader's ceiling
+  goes from ~1450 to ~1330 calls/s. What could stall the reader is a WAL checkpoint (fsyncs) run inside an
+  unlucky commit, so the service turns SQLite's automatic checkpoints off and runs them from a worker
+  thread (`checkpoint_interval`).
+- A queue in front of a writer thread would take those ~50 µs off the reader, but make the write
+  asynchronous: a call handed over and still in the queue dies with the process, the very loss the outbox
+  exists to prevent. Not worth 8 % of a ceiling no PBX fsbridge serves comes near.
+The connection is used from one OS thread (the gevent hub); SQLite calls never yield, so each method
+below runs as one uninterrupted unit and a lock is only a guard against real threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import operator
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fsbridge.calls.model import FinishedCall
+
+PENDING, SENT, QUARANTINED = 0, 1, 2
+STATE_NAMES = {PENDING: "pending", SENT: "sent", QUARANTINED: "quarantined"}
+SCHEMA_VERSION = 1
+
+log = logging.getLogger("fsbridge.history")
+MAX_REASON = 1000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS calls (
+    id          INTEGER PRIMARY KEY,       -- arrival order: the oldest call goes first
+    external_id TEXT NOT NULL UNIQUE,      -- the CRM's de-duplication key; one row per call
+    payload     TEXT NOT NULL,             -- the FinishedCall as JSON; the CRM entry is built when sent
+    state       INTEGER NOT NULL DEFAULT 0,
+    added       REAL NOT NULL,             -- time.time() when written
+    updated     REAL,                      -- when sent / quarantined / re-queued
+    reason      TEXT                       -- why the CRM refused it (quarantined)
+);
+-- Partial indexes, one per state: an INSERT (state 0) touches only the first, claiming walks only
+-- pending rows however many sent ones are kept, and counting a state reads only its own index.
+CREATE INDEX IF NOT EXISTS calls_pending ON calls(id) WHERE state = 0;
+CREATE INDEX IF NOT EXISTS calls_sent ON calls(updated) WHERE state = 1;
+CREATE INDEX IF NOT EXISTS calls_quarantined ON calls(updated) WHERE state = 2;
+"""
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(FinishedCall))
+_FIELD_SET = frozenset(_FIELDS)
+
+
+class OutboxError(Exception):
+    """The outbox file cannot be used (unreadable, from a newer fsbridge, ...)."""
+
+
+_VALUES = operator.attrgetter(*_FIELDS)
+# A bound encoder and attrgetter: a third of the cost of the obvious dict comprehension + json.dumps,
+# and this runs on the ESL reading path.
+_ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def encode_call(call: FinishedCall) -> str:
+    # Keys, not positions: a row must stay readable when FinishedCall gains or loses a field.
+    return _ENCODE(dict(zip(_FIELDS, _VALUES(call), strict=True)))
+
+
+def decode_call(text: str) -> FinishedCall:
+    data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError("payload is not an object")
+    # Fields a later fsbridge added or dropped must not make old rows unreadable.
+    known = {k: v for k, v in data.items() if k in _FIELD_SET}
+    known["codes"] = tuple(known.get("codes") or ())
+    return FinishedCall(**known)
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A claimed pending call."""
+
+    row: int
+    call: FinishedCall
+    added: float
+
+
+@dataclass(frozen=True, slots=True)
+class Quarantined:
+    row: int
+    external_id: str
+    call: FinishedCall | None      # None if the stored payload cannot be read back
+    reason: str
+    since: float
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    pending: int
+    sent: int
+    quarantined: int
+    oldest_pending: float | None   # time.time() when the oldest pending call was written
+
+    def oldest_pending_age(self, now: float | None = None) -> float | None:
+        if self.oldest_pending is None:
+            return None
+        return max(0.0, (time.time() if now is None else now) - self.oldest_pending)
+
+
+class Outbox:
+    """One outbox file.
+
+    checkpoint_interval: None leaves WAL checkpoints to SQLite, which runs them inside whichever commit
+    crosses 1000 pages, fsyncs included: a stall of up to hundreds of ms for an unlucky add() on the ESL
+    path. A number of seconds turns that off and runs a PASSIVE checkpoint that often from a worker thread
+    (sqlite3 releases the GIL while it works), on a connection of its own. The service uses it; one-shot
+    users (`fsbridge outbox`) need not.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, fsync: bool = False, busy_timeout: float = 0.5,
+                 create: bool = True, checkpoint_interval: float | None = None) -> None:
+        self.path = Path(path)
+        if not create and not self.path.exists():
+            raise OutboxError(f"no outbox at {self.path}")
+        if create:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Phone numbers are personal data; SQLite gives the -wal/-shm files the same mode.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            os.close(fd)
+        try:
+            # busy_timeout blocks the hub while another process (`fsbridge outbox --requeue`) holds the
+            # write lock; its transactions are single statements, so a short wait is enough.
+            self._db = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None,
+                                       check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise OutboxError(f"{self.path} was written by a newer fsbridge (schema {version})")
+            if version < SCHEMA_VERSION:
+                # One script, one transaction: two fsbridge processes starting together cannot both
+                # half-create the schema.
+                self._db.executescript(
+                    f"BEGIN IMMEDIATE;{_SCHEMA}PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
+        except sqlite3.DatabaseError as exc:
+            raise OutboxError(f"cannot open the outbox {self.path}: {exc}") from None
+        self._lock = threading.Lock()
+        # Rows handed to an uploader and not yet settled. Kept in memory on purpose: after a crash
+        # nothing is in flight, so every unsettled row is simply pending again.
+        self._inflight: set[int] = set()
+        self._checkpointer: Any = None
+        if checkpoint_interval is not None:
+            self._start_checkpoints(checkpoint_interval, busy_timeout)
+
+    def _start_checkpoints(self, interval: float, busy_timeout: float) -> None:
+        import gevent
+
+        self._db.execute("PRAGMA wal_autocheckpoint=0")
+        pool = gevent.get_hub().threadpool
+
+        def checkpoint(path: Path) -> None:
+            # A connection per run, opened and closed in the worker thread: nothing is shared with the
+            # hub's thread, and close() never has to wait for a thread to let go of it.
+            db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
+            try:
+                db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            finally:
+                db.close()
+
+        def run() -> None:
+            while True:
+                gevent.sleep(interval)
+                try:
+                    pool.apply(checkpoint, (self.path,))
+                except sqlite3.Error as exc:
+                    log.warning("outbox checkpoint failed (the WAL file grows until one succeeds): %s", exc)
+
+        self._checkpointer = gevent.spawn(run)
+
+    def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.kill()
+            self._checkpointer = None
+        self._db.close()
+
+    def __enter__(self) -> Outbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # -- the producer side ---------------------------------------------------------------------
+
+    def add(self, call: FinishedCall) -> bool:
+        """Store a finished call; durable against a process kill when this returns.
+
+        Idempotent on the call id: the same call reported twice (a reconnect, a replay) stays one row,
+        and the first report wins, as it would in the CRM.
+        """
+        payload = encode_call(call)
+        with self._lock:
+            cur = self._db.execute(
+                "INSERT INTO calls (external_id, payload, added) VALUES (?, ?, ?) "
+                "ON CONFLICT(external_id) DO NOTHING",
+                (call.call_id, payload, time.time()))
+        return cur.rowcount == 1
+
+    # -- the uploader side ---------------------------------------------------------------------
+
+    def claim(self, limit: int) -> list[Entry]:
+        """Up to `limit` pending calls, oldest first, that no other claim holds."""
+        if limit < 1:
+            return []
+        entries: list[Entry] = []
+        broken: list[tuple[int, str]] = []
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, payload, added FROM calls WHERE state = 0 ORDER BY id LIMIT ?",
+                (limit + len(self._inflight),)).fetchall()
+            for row, payload, added in rows:
+                if row in self._inflight:
+                    continue
+                try:
+                    call = decode_call(payload)
+                except (ValueError, TypeError) as exc:
+                    broken.append((row, f"stored call unreadable: {exc}"))
+                    continue
+                entries.append(Entry(row, call, added))
+                self._inflight.add(row)
+                if len(entries) == limit:
+                    break
+        for row, reason in broken:
+            self.quarantine([row], reason)
+        return entries
+
+    def release(self, rows: Iterable[int]) -> None:
+        """Give claimed rows back unchanged (the uploader is stopping)."""
+        with self._lock:
+            self._inflight.difference_update(rows)
+
+    def mark_sent(self, rows: Sequence[int]) -> None:
+        """The CRM confirmed these (stored or duplicate)."""
+        self._settle(rows, SENT, None)
+
+    def quarantine(self, rows: Sequence[int], reason: str) -> None:
+        """The CRM refused these for good; kept with its reason until someone re-queues them."""
+        self._settle(rows, QUARANTINED, reason[:MAX_REASON])
+
+    def _settle(self, rows: Sequence[int], state: int, reason: str | None) -> None:
+        if not rows:
+            return
+        marks = ",".join("?" * len(rows))
+        with self._lock:
+            self._db.execute(f"UPDATE calls SET state = ?, updated = ?, reason = ? WHERE id IN ({marks})",
+                             (state, time.time(), reason, *rows))
+            self._inflight.difference_update(rows)
+
+    def purge_sent(self, older_than: float) -> int:
+        """Forget calls delivered more than `older_than` seconds ago."""
+        with self._lock:
+            cur = self._db.execute("DELETE FROM calls WHERE state = 1 AND updated < ?",
+                                   (time.time() - older_than,))
+        return cur.rowcount
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    # -- inspection and repair (`fsbridge outbox`) -----------------------------------------------
+
+    def stats(self, *, count_sent: bool = True) -> Stats:
+        """Counts per state. count_sent=False skips the one count that grows with the retention period
+        (sent is then -1): a month of delivered calls is a long index to walk on the hub."""
+        with self._lock:
+            # One query per state, so that each is answered from its own partial index.
+            pending, sent, quarantined = (
+                self._db.execute(f"SELECT count(*) FROM calls WHERE state = {state}").fetchone()[0]
+                if state != SENT or count_sent else -1
+                for state in (PENDING, SENT, QUARANTINED))
+            oldest = self._db.execute(
+                "SELECT added FROM calls WHERE state = 0 ORDER BY id LIMIT 1").fetchone()
+        return Stats(pending, sent, quarantined, oldest[0] if oldest else None)
+
+    def oldest_pending(self) -> float | None:
+        """time.time() when the oldest pending call was written, None if nothing waits."""
+        with self._lock:
+            row = self._db.execute("SELECT added FROM calls WHERE state = 0 ORDER BY id LIMIT 1").fetchone()
+        return row[0] if row else None
+
+    def pending(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT count(*) FROM calls WHERE state = 0").fetchone()[0]
+
+    def quarantined(self, limit: int | None = None) -> list[Quarantined]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, external_id, payload, reason, updated FROM calls WHERE state = 2 "
+                "ORDER BY updated, id LIMIT ?", (-1 if limit is None else limit,)).fetchall()
+        out = []
+        for row, external_id, payload, reason, since in rows:
+            try:
+                call: FinishedCall | None = decode_call(payload)
+            except (ValueError, TypeError):
+                call = None
+            out.append(Quarantined(row, external_id, call, reason or "", since or 0.0))
+        return out
+
+    def state_of(self, external_id: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT state FROM calls WHERE external_id = ?", (external_id,)).fetchone()
+        return STATE_NAMES.get(row[0]) if row else None
+
+    def requeue(self, external_ids: Iterable[str] | None = None) -> int:
+        """Quarantined calls back to pending: those named, or all with None. Returns how many."""
+        now = time.time()
+        with self._lock:
+            if external_ids is None:
+                cur = self._db.execute(
+                    "UPDATE calls SET state = 0, updated = ?, reason = NULL WHERE state = 2", (now,))
+                return cur.rowcount
+            count = 0
+            with self._transaction():
+                for external_id in dict.fromkeys(external_ids):
+                    cur = self._db.execute(
+                        "UPDATE calls SET state = 0, updated = ?, reason = NULL "
+                        "WHERE state = 2 AND external_id = ?", (now, external_id))
+                    count += cur.rowcount
+            return count

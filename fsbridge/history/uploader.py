@@ -1,0 +1,399 @@
+"""Moves finished calls from the outbox to retailCRM's call history.
+
+Two strategies, as the vendor's guide names them: `immediate` (a call is sent within a second of its
+hangup, together with whatever finished meanwhile) and `periodic` (every N minutes, what accumulated).
+Either way batches hold at most 50 calls, and a batch is marked sent only after the CRM confirmed it.
+
+Failures split by what fixes them:
+- the CRM is unreachable, overloaded (503/429/5xx, HTML pages, timeouts) or refuses us as a whole (wrong
+  key, telephony disabled, wrong URL): nothing is wrong with the calls, so the batch is retried forever
+  with a capped exponential backoff; the client's rate limiter keeps every attempt under 40 requests/s;
+- the CRM refuses the data (a 4xx with its validation errors): only the calls at fault are quarantined
+  with the CRM's words and the rest goes through. The error keys look like `calls[3][result]` in the
+  fake, but the real format is unconfirmed, so a refusal that names no call is narrowed down by bisecting
+  the batch until single calls are refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import gevent
+import gevent.event
+
+from fsbridge.calls.model import FinishedCall
+from fsbridge.crm.client import MAX_CALLS_PER_UPLOAD, RetailCRM
+from fsbridge.crm.errors import CRMAuthError, CRMError, CRMRejected
+from fsbridge.history.cdr import CdrBuilder
+from fsbridge.history.outbox import Entry, Outbox, OutboxError
+
+log = logging.getLogger("fsbridge.history")
+
+IMMEDIATE, PERIODIC = "immediate", "periodic"
+STRATEGIES = (IMMEDIATE, PERIODIC)
+
+# Statuses under which the CRM judged the calls themselves; anything else (3xx, 401/403, 404, 405 pages)
+# says the request never reached validation: a configuration problem, not bad calls.
+_DATA_STATUSES = frozenset({400, 422, 460})
+# Refusals that arrive as 400 but concern the account, not the calls (docs, "Known messages").
+_SYSTEMIC_MESSAGES = ("telephony not enabled", "api method not found", "account does not exist",
+                      "access denied", "apikey", "parameter 'calls' is missing")
+# `calls[3][result]` (the fake, Symfony-style) or `calls[3].result` / `calls.3.result`.
+_ERROR_KEY = re.compile(r"^calls(?:\[(\d+)\]|\.(\d+))(.*)$")
+_MAX_VALUE = 60
+
+
+class _Stopping(Exception):
+    """The uploader is stopping; the batch stays pending."""
+
+
+@dataclass(slots=True)
+class _Item:
+    entry: Entry
+    cdr: dict[str, Any]
+
+
+@dataclass
+class UploaderStats:
+    sent: int = 0                 # calls the CRM confirmed (stored or duplicate)
+    duplicates: int = 0           # of those, already known to the CRM (a re-send after a crash)
+    quarantined: int = 0
+    requests: int = 0             # upload attempts, answered or not
+    failures: int = 0             # attempts that failed as a whole (CRM unavailable or refusing us)
+    unwritten: int = 0            # finished calls waiting in memory because the outbox refused a write
+    last_error: str | None = None
+    last_success: float | None = None   # time.time()
+
+
+def attribute_errors(errors: Any, size: int) -> dict[int, list[tuple[str, str]]] | None:
+    """{batch index: [(field, message)]} when every error names a call of the batch; else None."""
+    if not isinstance(errors, dict) or not errors:
+        return None
+    found: dict[int, list[tuple[str, str]]] = {}
+    for key, message in errors.items():
+        match = _ERROR_KEY.match(str(key))
+        if match is None:
+            return None
+        index = int(match[1] or match[2])
+        if index >= size:
+            return None
+        field = match[3].strip("[].").replace("][", ".").replace("].[", ".")
+        found.setdefault(index, []).append((field, " ".join(str(message).split())))
+    return found
+
+
+def _is_systemic(exc: CRMError) -> bool:
+    if isinstance(exc, CRMAuthError) or not isinstance(exc, CRMRejected):
+        return True
+    if exc.status not in _DATA_STATUSES:
+        return True
+    text = exc.message.lower()
+    return any(fragment in text for fragment in _SYSTEMIC_MESSAGES)
+
+
+def _reason(exc: CRMRejected, fields: list[tuple[str, str]] | None, cdr: dict[str, Any]) -> str:
+    if not fields:
+        return exc.message
+    parts = []
+    for field, message in fields:
+        value = cdr.get(field) if field else None
+        shown = f" (sent {str(value)[:_MAX_VALUE]!r})" if value is not None else ""
+        parts.append(f"{field}: {message}{shown}" if field else message)
+    return f"retailCRM refused it (HTTP {exc.status}): " + "; ".join(parts)
+
+
+class Uploader:
+    """The loop between the outbox and the CRM. One per outbox; all methods run on the gevent hub.
+
+    period, linger, poll_interval, retry_* and request_window are seconds.
+    """
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        crm: RetailCRM,
+        builder: CdrBuilder,
+        *,
+        strategy: str = IMMEDIATE,
+        period: float = 600.0,
+        linger: float = 0.5,
+        poll_interval: float = 30.0,
+        batch_size: int = MAX_CALLS_PER_UPLOAD,
+        concurrency: int = 4,
+        retry_base: float = 0.5,
+        retry_max: float = 60.0,
+        request_window: float = 30.0,
+        keep_sent: float | None = 30 * 86400.0,
+    ) -> None:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        if not 1 <= batch_size <= MAX_CALLS_PER_UPLOAD:
+            raise ValueError(f"batch_size must be 1..{MAX_CALLS_PER_UPLOAD}, got {batch_size}")
+        if concurrency < 1 or period <= 0 or retry_base <= 0 or retry_max < retry_base:
+            raise ValueError("concurrency, period and retry delays must be positive")
+        self.outbox = outbox
+        self.crm = crm
+        self.builder = builder
+        self.strategy = strategy
+        self.period = period
+        self.linger = linger
+        self.poll_interval = poll_interval
+        self.batch_size = batch_size
+        self.concurrency = concurrency
+        self.retry_base = retry_base
+        self.retry_max = retry_max
+        self.request_window = request_window
+        self.keep_sent = keep_sent
+        self.stats = UploaderStats()
+        self._wake = gevent.event.Event()
+        self._unwritten: list[FinishedCall] = []
+        self._loop: gevent.Greenlet | None = None
+        self._workers: set[gevent.Greenlet] = set()
+        self._stopping = False
+        self._next_purge = 0.0
+
+    # -- the ESL side ----------------------------------------------------------------------------
+
+    def on_finished(self, call: FinishedCall) -> None:
+        """`Bridge.on_finished`: runs on the ESL reading path, so it only writes and wakes.
+
+        If the outbox refuses the write (disk full, locked for too long) the call is kept in memory and
+        retried by the loop: the reader must not die, and dropping the call would lose it for sure.
+        """
+        try:
+            self.outbox.add(call)
+        except (sqlite3.Error, OutboxError) as exc:
+            self._unwritten.append(call)
+            self.stats.unwritten = len(self._unwritten)
+            log.error("cannot write call %s to the outbox (%s); %d call(s) held in memory until it works",
+                      call.call_id, exc, len(self._unwritten))
+            self._wake.set()
+            return
+        if self.strategy == IMMEDIATE:
+            self._wake.set()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._stopping = False
+        self._loop = gevent.spawn(self._run)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Let batches in flight finish for up to `timeout`, then abandon them (they stay pending)."""
+        self._stopping = True
+        self._wake.set()
+        deadline = time.monotonic() + timeout
+        while self._workers and time.monotonic() < deadline:
+            gevent.sleep(0.02)
+        gevent.killall(list(self._workers), timeout=1.0)
+        if self._loop is not None:
+            self._loop.kill(timeout=1.0)
+            self._loop = None
+        self._flush_unwritten()
+
+    def close(self, timeout: float = 5.0) -> None:
+        self.stop(timeout)
+        self.outbox.close()
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        # Whatever the strategy, a backlog left by the previous run goes out at once.
+        self._drain_logged()
+        next_tick = time.monotonic() + self.period
+        while not self._stopping:
+            if self.strategy == IMMEDIATE:
+                woke = self._wake.wait(timeout=self.poll_interval)
+                if woke and self.linger > 0 and not self._stopping:
+                    # Coalesce: calls ending in the next moment share the request.
+                    gevent.sleep(self.linger)
+                self._wake.clear()
+                self._drain_logged()
+            else:
+                self._wake.wait(timeout=max(0.0, next_tick - time.monotonic()))
+                self._wake.clear()
+                self._flush_unwritten()
+                if time.monotonic() >= next_tick:
+                    self._drain_logged()
+                    now = time.monotonic()
+                    while next_tick <= now:
+                        next_tick += self.period
+
+    def _drain_logged(self) -> None:
+        try:
+            self.drain()
+        except Exception:
+            # An outbox failure (disk full, a locked file) must not end the loop: what is not marked
+            # sent stays pending, and the next round tries again.
+            log.exception("call history upload round failed; retrying in %.0f s", self.retry_max)
+            self.stats.last_error = "upload round failed (see the log)"
+            gevent.sleep(self.retry_max)
+
+    def drain(self) -> int:
+        """Send everything pending now, `concurrency` batches at a time; returns calls settled."""
+        self._flush_unwritten()
+        self._purge()
+        before = self.stats.sent + self.stats.quarantined
+        workers = []
+        for _ in range(self.concurrency):
+            worker = gevent.spawn(self._work)
+            # Workers leave the set themselves, so stop() still sees them if this drain is killed.
+            self._workers.add(worker)
+            worker.link(self._workers.discard)
+            workers.append(worker)
+        gevent.joinall(workers, raise_error=True)
+        return self.stats.sent + self.stats.quarantined - before
+
+    def _work(self) -> None:
+        while not self._stopping:
+            # Yield between the steps of preparing a batch: the hub then wakes the ESL reader and the
+            # worker whose request slot is due without waiting for the whole batch to be prepared. The
+            # rate limiter spaces requests from when each one actually leaves, so every millisecond a
+            # due worker waits here is lost throughput.
+            gevent.sleep(0)
+            entries = self.outbox.claim(self.batch_size)
+            if not entries:
+                return
+            gevent.sleep(0)
+            try:
+                self._deliver(entries)
+            except _Stopping:
+                return
+            finally:
+                # Settled rows are already out of the claim; this frees what a stop abandoned.
+                self.outbox.release(e.row for e in entries)
+
+    def _flush_unwritten(self) -> None:
+        while self._unwritten:
+            try:
+                self.outbox.add(self._unwritten[0])
+            except (sqlite3.Error, OutboxError):
+                return
+            self._unwritten.pop(0)
+            self.stats.unwritten = len(self._unwritten)
+
+    def _purge(self) -> None:
+        if self.keep_sent is None or time.monotonic() < self._next_purge:
+            return
+        self._next_purge = time.monotonic() + 3600.0
+        try:
+            purged = self.outbox.purge_sent(self.keep_sent)
+        except sqlite3.Error as exc:
+            log.warning("could not purge delivered calls from the outbox: %s", exc)
+            return
+        if purged:
+            log.info("purged %d call(s) delivered more than %.0f day(s) ago", purged, self.keep_sent / 86400)
+
+    # -- one batch -------------------------------------------------------------------------------
+
+    def _deliver(self, entries: Sequence[Entry]) -> None:
+        items: list[_Item] = []
+        for index, entry in enumerate(entries, 1):
+            if index % 10 == 0:
+                gevent.sleep(0)
+            try:
+                items.append(_Item(entry, self.builder.build(entry.call)))
+            except Exception as exc:  # a bug or a bad stored call must not block the others
+                log.exception("cannot build the history entry of call %s", entry.call.call_id)
+                self._quarantine([entry], f"fsbridge could not build the entry: {exc!r}")
+        parts = [items] if items else []
+        while parts:
+            part = parts.pop()
+            refusal = self._upload(part)
+            if refusal is None:
+                continue
+            culprits = attribute_errors(refusal.errors, len(part))
+            if culprits:
+                for index, fields in culprits.items():
+                    self._quarantine([part[index].entry], _reason(refusal, fields, part[index].cdr))
+                rest = [item for index, item in enumerate(part) if index not in culprits]
+                if rest:
+                    parts.append(rest)
+            elif len(part) == 1:
+                self._quarantine([part[0].entry], _reason(refusal, None, part[0].cdr))
+            else:
+                # The refusal names no call: halve until it does, or until single calls are refused.
+                middle = len(part) // 2
+                parts.append(part[middle:])
+                parts.append(part[:middle])
+
+    def _upload(self, part: list[_Item]) -> CRMRejected | None:
+        """Send until the CRM answers about the calls: None when it took them, else its refusal."""
+        delay = self.retry_base
+        while True:
+            if self._stopping:
+                raise _Stopping()
+            self.stats.requests += 1
+            try:
+                reply = self.crm.upload_calls([item.cdr for item in part],
+                                              deadline=time.monotonic() + self.request_window)
+            except CRMError as exc:
+                if isinstance(exc, CRMRejected) and not _is_systemic(exc):
+                    return exc
+                self.stats.failures += 1
+                self.stats.last_error = str(exc)
+                level = logging.ERROR if isinstance(exc, CRMRejected) else logging.WARNING
+                log.log(level, "call history upload of %d call(s) failed, retrying in %.1f s: %s",
+                        len(part), delay, exc)
+            else:
+                self._confirmed(part, reply)
+                return None
+            # Jitter keeps workers that failed together from retrying together.
+            gevent.sleep(delay / 2 + random.uniform(0, delay / 2))
+            delay = min(self.retry_max, delay * 2)
+
+    def _confirmed(self, part: list[_Item], reply: dict[str, Any]) -> None:
+        gevent.sleep(0)
+        duplicates = reply.get("duplicateCalls")
+        duplicates = duplicates if isinstance(duplicates, list) else []
+        self.outbox.mark_sent([item.entry.row for item in part])
+        self.stats.sent += len(part)
+        self.stats.duplicates += len(duplicates)
+        self.stats.last_success = time.time()
+        processed = reply.get("processedCallsCount")
+        if isinstance(processed, int) and processed + len(duplicates) != len(part):
+            log.warning("retailCRM confirmed %d of %d call(s) (%d duplicate); counted all as delivered",
+                        processed, len(part), len(duplicates))
+
+    def _quarantine(self, entries: Sequence[Entry], reason: str) -> None:
+        self.outbox.quarantine([e.row for e in entries], reason)
+        self.stats.quarantined += len(entries)
+        for entry in entries:
+            log.error("call %s quarantined (see `fsbridge outbox`): %s", entry.call.call_id, reason)
+
+    # -- for health checks, metrics and the status page ---------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        """The loop runs (started and not dead of an unexpected error)."""
+        return self._loop is not None and not self._loop.dead
+
+    def oldest_pending_age(self) -> float | None:
+        """Seconds the oldest undelivered call has waited (one indexed lookup: cheap to poll)."""
+        oldest = self.outbox.oldest_pending()
+        return None if oldest is None else max(0.0, time.time() - oldest)
+
+    def status(self) -> dict[str, Any]:
+        outbox = self.outbox.stats(count_sent=False)
+        age = outbox.oldest_pending_age()
+        return {
+            "strategy": self.strategy,
+            "pending": outbox.pending,
+            "quarantined": outbox.quarantined,
+            "oldest_pending_seconds": None if age is None else round(age, 1),
+            "sent": self.stats.sent,
+            "duplicates": self.stats.duplicates,
+            "failures": self.stats.failures,
+            "unwritten": len(self._unwritten),
+            "last_error": self.stats.last_error,
+        }
