@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 
@@ -36,6 +37,7 @@ from fsbridge.recordings import Recordings
 from fsbridge.routing import ManagerLookup
 
 log = logging.getLogger("fsbridge")
+UUID_RE = re.compile(r"[0-9a-fA-F-]{36}")
 
 
 def live_channel_uuids(conn: EslConnection) -> set[str]:
@@ -143,6 +145,23 @@ class Bridge:
     def _after_connect(self, conn: EslConnection) -> None:
         # Calls that vanished while we were away were last known alive when the connection dropped.
         self.reconcile(conn, ended_by=self.listener.disconnected_at)
+        self.adopt(conn)
+
+    def adopt(self, conn: EslConnection, limit: int = 5000) -> int:
+        """Follow the calls that were already up when we connected (fsbridge restarted mid-call)."""
+        unknown = [u for u in live_channel_uuids(conn) if u not in self.tracker.legs][:limit]
+        dumps = []
+        for uuid in unknown:
+            if not UUID_RE.fullmatch(uuid):
+                continue   # it goes into an api command: only a uuid may
+            body = conn.api(f"uuid_dump {uuid} json")
+            try:
+                dump = json.loads(body)
+            except ValueError:
+                continue   # the channel ended meanwhile (-ERR No such channel!)
+            if isinstance(dump, dict):
+                dumps.append({k: v if isinstance(v, str) else str(v) for k, v in dump.items()})
+        return self.tracker.adopt(dumps)
 
     # -- lifecycle --
 

@@ -4,6 +4,7 @@ receiving the call events."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 import gevent
@@ -189,5 +190,56 @@ def test_nothing_listening_is_reported(fake_crm, make_config) -> None:
     b.start()
     try:
         until(lambda: "cannot connect to FreeSWITCH" in b.listener.last_error, what="the connect error")
+    finally:
+        b.stop()
+
+
+def uuid_dumps_for(simulator, played, scenario: str, pause: str):
+    """`uuid_dump <uuid> json` answers for a paused call: each channel's data as its last captured
+    event carried it (what uuid_dump prints), with the played call's fresh ids and shifted times."""
+    from tests import capture
+
+    evs = capture.events(scenario, "json")
+    stop = next(i for i, e in enumerate(evs) if e["Event-Name"] == pause)
+    created = {e["Unique-ID"]: int(e["Caller-Channel-Created-Time"])
+               for e in evs if e["Event-Name"] == "CHANNEL_CREATE"}
+    first = capture.legs(evs)[0]
+    row = next(r for r in json.loads(simulator._api("show", "channels as json"))["rows"]
+               if r["uuid"] == played.uuids[first])
+    shift_us = (int(row["created_epoch"]) - created[first] // 1_000_000) * 1_000_000
+    last: dict[str, dict] = {}
+    for e in evs[:stop + 1]:
+        if e.get("Unique-ID") and "variable_uuid" in e:
+            last[e["Unique-ID"]] = e
+    dumps = {}
+    for old, e in last.items():
+        dump = {}
+        for key, value in e.items():
+            for o, n in played.uuids.items():
+                value = value.replace(o, n)
+            if (key.endswith("-Time") or key == "Event-Date-Timestamp") and value.isdigit() and int(value):
+                value = str(int(value) + shift_us)
+            dump[key] = value
+        dump["Event-Name"] = "CHANNEL_DATA"
+        dumps[played.uuids[old]] = json.dumps(dump)
+    return lambda arg: dumps.get(arg.split()[0], "-ERR No such channel!\n")
+
+
+def test_fsbridge_restarted_mid_call_takes_the_call_over(simulator, fake_crm, make_config) -> None:
+    """A call already talking when fsbridge starts still gets its hangup card and its history."""
+    played = simulator.play("inbound_answered", until="CALL_UPDATE")   # bridged, nobody listening
+    simulator.api_responses["uuid_dump"] = uuid_dumps_for(simulator, played, "inbound_answered", "CALL_UPDATE")
+    b = Bridge(make_config(fs_port=simulator.port, crm_url=fake_crm.url))
+    b.start()
+    try:
+        simulator.wait_for_subscriber()
+        until(lambda: b.tracker.adopted == 2, what="both channels to be taken over")
+        assert fake_crm.events == [], "the card was shown by the fsbridge before us"
+        simulator.resume(played)
+        until(lambda: len(fake_crm.calls) == 1, what="the call in the history")
+        assert received(fake_crm) == [("hangup", CUSTOMER, ["100"], "74999999999", "answered")]
+        call = fake_crm.calls[played.a_leg]
+        assert (call["type"], call["result"], call["code"]) == ("in", "answered", "100")
+        assert 7 <= call["duration"] <= 9, "talk time counted from the real bridge, not from the restart"
     finally:
         b.stop()

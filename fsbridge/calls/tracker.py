@@ -77,6 +77,8 @@ class CallTracker:
         self.seen = 0               # channel events handled; orders reconciliation against events
         self.calls_finished = 0
         self.closed_by_reconcile = 0
+        self.adopted = 0
+        self._adopting = False
         self._handlers: dict[str, Callable[[Event, Leg], None]] = {
             "CHANNEL_PROGRESS": self._ringing,
             "CHANNEL_PROGRESS_MEDIA": self._ringing,
@@ -286,13 +288,42 @@ class CallTracker:
         if not codes or not call.phone:
             return
         call.announced.extend(codes)
-        self._emit(call, kind, codes, None)
+        if not self._adopting:
+            # An adopted call's cards were shown by the process before us: only its hangup is still due.
+            self._emit(call, kind, codes, None)
 
     def _emit(self, call: Call, kind: str, codes: list[str], status: str | None) -> None:
         self.on_event(CallEvent(type=kind, phone=call.phone, codes=tuple(codes), call_id=call.id,
                                 external_phone=call.external_phone, site=call.site, hangup_status=status))
 
     # -- after a reconnect, or periodically --
+
+    def adopt(self, channels: list[Event]) -> int:
+        """Take over calls already up when fsbridge (re)started, from `uuid_dump <uuid> json` of each
+        channel we do not know: the channel data FreeSWITCH would have sent in its events. Without
+        this, a call in progress across a restart of fsbridge would never reach the history."""
+        fresh = [ch for ch in channels if ch.get("Unique-ID") and ch["Unique-ID"] not in self.legs]
+        # Parents first, so a b-leg finds the call of the leg that originated it.
+        fresh.sort(key=lambda ch: _int(ch.get("Caller-Channel-Created-Time")))
+        self._adopting = True
+        try:
+            for ch in fresh:
+                self.handle({**ch, "Event-Name": "CHANNEL_CREATE"})
+            for ch in fresh:
+                uuid = ch["Unique-ID"]
+                if ch.get("Answer-State") in ("early", "answered") or ch.get("Channel-Call-State") == "RINGING":
+                    self.handle({**ch, "Event-Name": "CHANNEL_PROGRESS"})
+                bridged_us = _int(ch.get("Caller-Channel-Bridged-Time"))
+                partner = ch.get("variable_bridge_uuid") or ch.get("variable_signal_bond") or ""
+                if bridged_us and partner in self.legs:
+                    self.handle({"Event-Name": "CHANNEL_BRIDGE", "Unique-ID": uuid, "Bridge-A-Unique-ID": uuid,
+                                 "Bridge-B-Unique-ID": partner, "Event-Date-Timestamp": str(bridged_us)})
+        finally:
+            self._adopting = False
+        if fresh:
+            self.adopted += len(fresh)
+            log.info("took over %d channel(s) already up when fsbridge connected", len(fresh))
+        return len(fresh)
 
     def reconcile(self, live: set[str], snapshot: int, ended_by: float | None = None) -> int:
         """Close legs FreeSWITCH no longer has. `snapshot` is `self.seen` when the channel
