@@ -61,26 +61,21 @@ def cmd_check(cfg: Config, args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def cmd_register(cfg: Config, args: argparse.Namespace) -> int:
-    from fsbridge.registration import RegistrationError, register
+def _registration(action: str) -> Callable[[Config, argparse.Namespace], int]:
+    def command(cfg: Config, args: argparse.Namespace) -> int:
+        from fsbridge import registration
 
-    try:
-        print(register(cfg))
-    except RegistrationError as exc:
-        print(exc)
-        return 1
-    return 0
+        try:
+            print(getattr(registration, action)(cfg))
+        except registration.RegistrationError as exc:
+            print(exc)
+            return 1
+        return 0
+    return command
 
 
-def cmd_info(cfg: Config, args: argparse.Namespace) -> int:
-    from fsbridge.registration import RegistrationError, info
-
-    try:
-        print(info(cfg))
-    except RegistrationError as exc:
-        print(exc)
-        return 1
-    return 0
+cmd_register = _registration("register")
+cmd_info = _registration("info")
 
 
 def cmd_outbox(cfg: Config, args: argparse.Namespace) -> int:

@@ -245,11 +245,6 @@ def _bool(value: Any) -> bool:
     return value
 
 
-def _optional_prefix(value: Any) -> str:
-    text = _string(value)
-    if text and not re.fullmatch(r"/[A-Za-z0-9_/-]*/", text):
-        raise ValueError('expected an nginx internal location such as "/_records/" (or empty)')
-    return text
 
 
 def _secrets(value: Any) -> list[str]:
@@ -274,11 +269,14 @@ def _optional_path(value: Any) -> Path | None:
     return Path(text).expanduser() if text else None
 
 
-def _optional_code(value: Any) -> str:
-    text = _string(value)
-    if text and not _DIGITS.fullmatch(text):
-        raise ValueError("expected a manager extension (digits) or empty")
-    return text
+def _optional(pattern: re.Pattern[str], expected: str) -> Callable[[Any], str]:
+    """A string that is empty or matches `pattern`."""
+    def check(value: Any) -> str:
+        text = _string(value)
+        if text and not pattern.fullmatch(text):
+            raise ValueError(f"expected {expected} (or empty)")
+        return text
+    return check
 
 
 @dataclass(frozen=True)
@@ -296,7 +294,7 @@ class HistorySettings:
     fsync: bool = setting(False, "fsync every outbox write: survives a power cut, not only a crash (slower)", _bool)
     unassigned_code: str = setting(
         "", "Extension credited with calls that reached no manager (the CRM needs one); empty: such calls are "
-        "quarantined", _optional_code)
+        "quarantined", _optional(_DIGITS, "a manager extension (digits)"))
 
 
 @dataclass(frozen=True)
@@ -326,7 +324,7 @@ class RecordsSettings:
     mp3_bitrate_kbps: int = setting(32, "MP3 bitrate", _number(8, 320, int))
     accel_redirect_prefix: str = setting(
         "", 'Behind nginx: answer with X-Accel-Redirect to this internal location (e.g. "/_records/")',
-        _optional_prefix)
+        _optional(re.compile(r"/[A-Za-z0-9_/-]*/"), 'an nginx internal location such as "/_records/"'))
 
 
 @dataclass(frozen=True)
@@ -356,17 +354,15 @@ class TrunkSettings:
     profiles: list = setting([], "Sofia profiles that face trunks only (e.g. external)", _names)
 
 
+# What a dial-string template may contain besides its placeholders: an endpoint, a profile or
+# gateway name, a host. No spaces, commas, braces, pipes, quotes or '&' (freeswitch-notes.md).
+DIAL_TEMPLATE_RE = re.compile(r"(?:[A-Za-z0-9_./@:+-]|\{code\}|\{phone\}|\{gateway\})+")
+
+
 def _template(value: Any) -> str:
     text = _nonempty(value)
-    if not re.fullmatch(r"(?:[A-Za-z0-9_./@:+-]|\{code\}|\{phone\}|\{gateway\})+", text):
+    if not DIAL_TEMPLATE_RE.fullmatch(text):
         raise ValueError("expected a dial string of letters, digits, '_./@:+-' and {code}, {phone}, {gateway}")
-    return text
-
-
-def _gateway(value: Any) -> str:
-    text = _string(value)
-    if text and not _NAME.fullmatch(text):
-        raise ValueError("expected a sofia gateway name (letters, digits, '-', '_', '.')")
     return text
 
 
@@ -377,7 +373,8 @@ class OriginateSettings:
     customer_dial: str = setting("sofia/gateway/{gateway}/{phone}",
                                  "Dial string of a customer; {phone} is the number clicked in the CRM", _template)
     gateway: str = setting("", "Sofia gateway for {gateway} in the dial strings (click-to-call is off while the "
-                                "dial strings need one and it is empty)", _gateway)
+                                "dial strings need one and it is empty)",
+                          _optional(_NAME, "a sofia gateway name (letters, digits, '-', '_', '.')"))
     ring_timeout: int = setting(30, "Seconds the manager's phone rings before the click gives up",
                                 _number(5, 300, int))
     ringing_wait: float = setting(5.0, "Seconds make-call waits for the manager's phone to start ringing",

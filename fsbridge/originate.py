@@ -18,7 +18,7 @@ import gevent
 import gevent.event
 
 from fsbridge.calls.tracker import CallTracker, ExpectedCall
-from fsbridge.config import normalize_number
+from fsbridge.config import DIAL_TEMPLATE_RE, normalize_number
 from fsbridge.esl.connection import EslError
 from fsbridge.esl.listener import EventListener
 from fsbridge.esl.protocol import Event
@@ -27,9 +27,6 @@ log = logging.getLogger("fsbridge.originate")
 
 PHONE_RE = re.compile(r"^\+?[0-9]{5,16}$")
 CODE_RE = re.compile(r"^[0-9]{1,20}$")
-# What a dial-string template may contain besides its placeholders: an endpoint, a
-# profile or gateway name, a host. No spaces, commas, braces, pipes, quotes or '&'.
-TEMPLATE_RE = re.compile(r"^(?:[A-Za-z0-9_./@:+-]|\{code\}|\{phone\}|\{gateway\})+$")
 GATEWAY_RE = re.compile(r"^[A-Za-z0-9_.-]{0,64}$")
 _RINGING = {"CHANNEL_PROGRESS", "CHANNEL_PROGRESS_MEDIA", "CHANNEL_ANSWER"}
 
@@ -60,7 +57,7 @@ class DialPlan:
 
     def __post_init__(self) -> None:
         for name in ("manager_dial", "customer_dial"):
-            if not TEMPLATE_RE.fullmatch(getattr(self, name)):
+            if not DIAL_TEMPLATE_RE.fullmatch(getattr(self, name)):
                 raise ValueError(f"{name}: only letters, digits, '_./@:+-' and {{code}}, {{phone}}, {{gateway}}")
         if "{code}" not in self.manager_dial:
             raise ValueError("manager_dial: must contain {code}")

@@ -80,3 +80,31 @@ def simulator() -> Iterator[Any]:
     sim.start()
     yield sim
     sim.stop()
+
+
+@pytest.fixture
+def start_bridge(simulator, fake_crm, make_config) -> Iterator[Callable[..., Any]]:
+    """Start fsbridge in-process against the simulator and the fake CRM, connected and subscribed;
+    stopped after the test. Keyword arguments override config sections."""
+    from fsbridge.service import Bridge
+    from tests.waiting import until
+
+    started: list[Bridge] = []
+
+    def start(**overrides: Any) -> Bridge:
+        bridge = Bridge(config.from_mapping(settings(fs_port=simulator.port, crm_url=fake_crm.url, **overrides),
+                                            env={}))
+        bridge.start()
+        started.append(bridge)
+        until(lambda: bridge.listener.connected, what="fsbridge to connect")
+        simulator.wait_for_subscriber()
+        return bridge
+
+    yield start
+    for bridge in started:
+        bridge.stop()
+
+
+def base_url(bridge: Any) -> str:
+    host, port = bridge.http.address
+    return f"http://{host}:{port}"

@@ -7,23 +7,15 @@ import urllib.parse
 import pytest
 import requests
 
-from fsbridge.service import Bridge
-from tests.conftest import CLIENT_ID
+from tests.conftest import CLIENT_ID, base_url
 from tests.test_originate import INJECTIONS
 from tests.waiting import until
 
 
 @pytest.fixture
-def running(simulator, fake_crm, make_config):
-    cfg = make_config(fs_port=simulator.port, crm_url=fake_crm.url,
-                      originate={"customer_dial": "sofia/internal/{phone}@127.0.0.1:5092", "ringing_wait": 2.0})
-    bridge = Bridge(cfg)
-    bridge.start()
-    until(lambda: bridge.listener.connected, what="fsbridge to connect")
-    simulator.wait_for_subscriber()
-    host, port = bridge.http.address
-    yield bridge, f"http://{host}:{port}"
-    bridge.stop()
+def running(start_bridge):
+    bridge = start_bridge(originate={"customer_dial": "sofia/internal/{phone}@127.0.0.1:5092", "ringing_wait": 2.0})
+    return bridge, base_url(bridge)
 
 
 def make_call(base: str, **params: str) -> requests.Response:

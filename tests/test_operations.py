@@ -15,22 +15,16 @@ import requests
 import yaml
 
 from fsbridge import logs
-from fsbridge.service import Bridge
-from tests.conftest import API_KEY, CLIENT_ID, RECORD_SECRET, settings
+from tests.conftest import API_KEY, CLIENT_ID, RECORD_SECRET, base_url, settings
 from tests.waiting import until
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def running(simulator, fake_crm, make_config):
-    bridge = Bridge(make_config(fs_port=simulator.port, crm_url=fake_crm.url))
-    bridge.start()
-    until(lambda: bridge.listener.connected, what="fsbridge to connect")
-    simulator.wait_for_subscriber()
-    host, port = bridge.http.address
-    yield bridge, f"http://{host}:{port}"
-    bridge.stop()
+def running(start_bridge):
+    bridge = start_bridge()
+    return bridge, base_url(bridge)
 
 
 def metric(text: str, name: str, **labels: str) -> float:
