@@ -111,9 +111,10 @@ def originate_command(click: Click, plan: DialPlan, call_uuid: str) -> str:
                     f"origination_caller_id_name={click.phone}", f"originate_timeout={plan.ring_timeout}",
                     "ignore_early_media=true", "fsbridge_click=true"]
     if plan.record_dir:
-        # ${uuid} is left for FreeSWITCH to expand on the manager's leg: the call id.
+        # The call id spelt out: FreeSWITCH refuses `${...}` in originate variables (an injection
+        # guard, switch_ivr_originate.c) unless origination_nested_vars lifts it, which we never do.
         manager_vars += ["RECORD_STEREO=true",
-                         f"execute_on_answer='record_session {plan.record_dir.rstrip('/')}/${{uuid}}.wav'"]
+                         f"execute_on_answer='record_session {plan.record_dir.rstrip('/')}/{call_uuid}.wav'"]
     customer_vars = ["fsbridge_click=true"]
     if click.external_phone:
         customer_vars += [f"origination_caller_id_number={click.external_phone}",

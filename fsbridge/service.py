@@ -140,7 +140,11 @@ class Bridge:
     def reconcile(self, conn: EslConnection, ended_by: float | None = None) -> int:
         snapshot = self.tracker.seen
         live = live_channel_uuids(conn)
-        return self.tracker.reconcile(live, snapshot, ended_by=ended_by)
+
+        def gone(uuid: str) -> bool:
+            return conn.api(f"uuid_exists {uuid}").strip() == "false" if UUID_RE.fullmatch(uuid) else True
+
+        return self.tracker.reconcile(live, snapshot, ended_by=ended_by, confirm_gone=gone)
 
     def _after_connect(self, conn: EslConnection) -> None:
         # Calls that vanished while we were away were last known alive when the connection dropped.

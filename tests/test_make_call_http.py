@@ -57,7 +57,7 @@ def test_injection_at_every_parameter_over_http(running, simulator, param: str) 
         # Only the clean click ever reached FreeSWITCH.
         assert "sofia/internal/+79121234567@127.0.0.1:5092" in orig.args or \
             "sofia/internal/79121234567@127.0.0.1:5092" in orig.args
-        ours = f"execute_on_answer='record_session {bridge.cfg.records.dir}/${{uuid}}.wav'"
+        ours = f"execute_on_answer='record_session {bridge.cfg.records.dir}/{orig.uuid}.wav'"
         assert ours in orig.args, "fsbridge's own record clause"
         assert not any(c in orig.args.replace(ours, "") for c in "'\\$;|<>^\n\r")
 

@@ -158,7 +158,8 @@ def test_phone_that_never_rings_is_a_504_and_the_call_is_cancelled(wired, monkey
 def test_click_to_call_is_recorded_like_inbound_calls() -> None:
     plan = DialPlan(gateway="gw", record_dir="/var/lib/freeswitch/recordings/")
     command = originate_command(Click(code="100", phone="79121234567", external_phone=None), plan, UUID)
-    assert "RECORD_STEREO=true,execute_on_answer='record_session /var/lib/freeswitch/recordings/${uuid}.wav'" \
+    assert f"RECORD_STEREO=true,execute_on_answer='record_session /var/lib/freeswitch/recordings/{UUID}.wav'" \
         in command
+    assert "${" not in command, "FreeSWITCH refuses variables inside originate variables"
     with pytest.raises(ValueError, match="record_dir"):
         DialPlan(gateway="gw", record_dir="/tmp/x' &park()")

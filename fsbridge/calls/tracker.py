@@ -325,13 +325,18 @@ class CallTracker:
             log.info("took over %d channel(s) already up when fsbridge connected", len(fresh))
         return len(fresh)
 
-    def reconcile(self, live: set[str], snapshot: int, ended_by: float | None = None) -> int:
+    def reconcile(self, live: set[str], snapshot: int, ended_by: float | None = None,
+                  confirm_gone: Callable[[str], bool] | None = None) -> int:
         """Close legs FreeSWITCH no longer has. `snapshot` is `self.seen` when the channel
         list was requested: legs touched after that may be newer than the list. `ended_by`
         (wall clock) is when they were last known alive, the connection loss: the best
-        estimate of their end, since FreeSWITCH restarts are the usual cause."""
+        estimate of their end, since FreeSWITCH restarts are the usual cause.
+        `show channels` lags behind the events (FreeSWITCH fills its table asynchronously), so
+        `confirm_gone` (uuid_exists) gets the last word on each leg missing from it."""
         gone = [leg for leg in list(self.legs.values())
-                if not leg.ended and leg.uuid not in live and leg.last_seen <= snapshot]
+                if not leg.ended and leg.uuid not in live and leg.last_seen <= snapshot
+                and (confirm_gone is None or confirm_gone(leg.uuid))]
+        gone = [leg for leg in gone if not leg.ended and self.legs.get(leg.uuid) is leg]
         now = int((ended_by or time.time()) * 1e6)
         for leg in gone:
             self._end_leg(leg, leg.hangup_cause or "", now)

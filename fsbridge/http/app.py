@@ -282,13 +282,14 @@ class Router:
             )
             return Response.text(500, "internal error")
 
-    def _request(self, environ: dict[str, Any]) -> Request:
-        method = str(environ.get("REQUEST_METHOD", "GET")).upper()
+    def parse_target(self, path: bytes, raw_query: bytes) -> tuple[str, dict[str, str]]:
+        """(path, query) of a request from its percent-decoded path bytes and its raw query bytes.
+
+        BadRequest for a path or query that is not UTF-8, a repeated query parameter, or more than
+        MAX_QUERY_FIELDS fields. Shared by the WSGI adapter and fsbridge's own server (server.py)."""
         try:
-            # PEP 3333 hands over the percent-decoded path as latin-1 code points of the raw bytes.
-            path = str(environ.get("PATH_INFO", "")).encode("latin-1").decode("utf-8")
-            route = self._match(path)
-            raw_query = str(environ.get("QUERY_STRING", "")).encode("latin-1")
+            text = path.decode("utf-8")
+            route = self._match(text)
             if route is not None and not route.parse_query:
                 raw_query = b""
             pairs = parse_qsl(raw_query, keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS) if raw_query else []
@@ -302,6 +303,17 @@ class Router:
                 query[name] = value
         except (UnicodeError, ValueError):  # not UTF-8, or more than MAX_QUERY_FIELDS fields
             raise BadRequest("malformed path or query") from None
+        return text, query
+
+    def _request(self, environ: dict[str, Any]) -> Request:
+        method = str(environ.get("REQUEST_METHOD", "GET")).upper()
+        try:
+            # PEP 3333 hands over the percent-decoded path as latin-1 code points of the raw bytes.
+            raw_path = str(environ.get("PATH_INFO", "")).encode("latin-1")
+            raw_query = str(environ.get("QUERY_STRING", "")).encode("latin-1")
+        except UnicodeError:
+            raise BadRequest("malformed path or query") from None
+        path, query = self.parse_target(raw_path, raw_query)
         body = b""
         if method not in ("GET", "HEAD", "OPTIONS"):
             stream = environ.get("wsgi.input")

@@ -1,4 +1,25 @@
-"""fsbridge's HTTP server: gevent.pywsgi with a safe access log and zero-copy file responses.
+"""fsbridge's HTTP/1.1 server: gevent StreamServer, Router.dispatch called directly, zero-copy file answers.
+
+gevent.pywsgi cost ~190 µs of CPU per request before the application ran (environ, rfile, header
+objects, WSGI start_response); fsbridge's own work is ~18 µs. This server parses the head with a few
+regular expressions (wire.py), calls `Router.dispatch(Request) -> Response`, and writes the answer with
+one send (bytes bodies) or a send of the head with MSG_MORE followed by os.sendfile (FileBody). WSGI
+stays available as `Router.wsgi` for anyone who wants another server.
+
+Per connection: TCP_NODELAY; keep-alive as HTTP/1.0 and 1.1 define it, capped at max_requests requests;
+pipelined requests answered in order. `timeout` bounds the idle wait for a request; once its first bytes
+are in, the rest of the head must follow within `timeout` however it trickles (slowloris), then the body
+within another `timeout`; every wait for the client to take more of the answer is bounded by `timeout`
+too. Handlers are never timed out by this.
+
+Timeouts are not socket timeouts: with one, gevent arms and cancels a timer on every wait, ~10 µs of
+CPU per request. Instead each connection has a deadline, set only while it waits on its client, and one
+periodic timer per server throws TimeoutError into connections whose deadline has passed (the way
+gevent.Timeout expires, and nginx's timer tree). Refusals (wire.py) are answered with
+a one-line reason and `Connection: close`, after which the server reads and drops what the client still
+sends for a moment (so the refusal is not lost to a RST). The access log is one line per request:
+address, method, the router's loggable (redacted) path, status, bytes sent, time; never the query string
+(clientId is in it).
 
 Plain HTTP only: TLS, if wanted, terminates in a reverse proxy in front of fsbridge.
 """
@@ -8,17 +29,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import socket
 import time
+from collections.abc import Iterable
+from email.utils import formatdate
 from typing import Any
 
 import gevent
 from gevent.pool import Pool
-from gevent.pywsgi import WSGIHandler, WSGIServer
+from gevent.server import StreamServer
 from gevent.socket import wait_write
 
-from fsbridge.http.app import FileBody, Router, loggable
+from fsbridge.http import wire
+from fsbridge.http.app import BadRequest, FileBody, Headers, Request, Response, Router, _where, loggable
 
 log = logging.getLogger("fsbridge.http")
 
@@ -27,10 +50,25 @@ log = logging.getLogger("fsbridge.http")
 _SENDFILE_STEP = 1 << 20
 _YIELD_EVERY = 8 << 20
 _MSG_MORE = getattr(socket, "MSG_MORE", 0)
-_BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+_RECV = 64 * 1024
+# A bytes body up to this size goes out in the same send as the head; a larger one gets its own.
+_COALESCE = 64 * 1024
+# After answering with Connection: close, read and drop what the client still sends for this long (and
+# this much) before closing: closing with unread data makes the kernel send a RST, which can destroy the
+# answer (a 413, a 431) before the client has read it.
+_LINGER_SECONDS = 2.0
+_LINGER_BYTES = 1 << 20
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
-# pywsgi's own error messages quote the raw request line, query string (and clientId) included.
-_QUERY_RE = re.compile(r"\?[^\s'\"\\]*")
+_date_cache: list[Any] = [0, ""]
+
+
+def _http_date() -> str:
+    now = int(time.time())
+    if now != _date_cache[0]:
+        _date_cache[1] = formatdate(now, usegmt=True)
+        _date_cache[0] = now
+    return _date_cache[1]  # type: ignore[no-any-return]
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -42,154 +80,421 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host, int(port)
 
 
-class _Server(WSGIServer):
-    router: Router
-    zero_copy: bool
-    conn_timeout: float | None
+class _Closed(Exception):
+    """The connection is over: the client went away or stalled, or the answer could not be completed."""
 
 
-class _Handler(WSGIHandler):
-    server: _Server
+class _Connection:
+    """One client connection: read a request, dispatch it, write the answer; again while keep-alive."""
 
-    def handle(self) -> None:
-        # Without a timeout an idle or trickling client holds its greenlet (and a file) forever.
-        if self.server.conn_timeout:
-            self.socket.settimeout(self.server.conn_timeout)
+    __slots__ = ("buf", "deadline", "greenlet", "readable", "remote", "router", "sent", "server", "sock", "timeout")
+
+    def __init__(self, server: HttpServer, sock: Any, address: Any) -> None:
+        self.server = server
+        self.router = server.router
+        self.sock = sock
+        self.remote = str(address[0]) if isinstance(address, tuple) else str(address or "")
+        self.timeout = server.timeout
+        self.buf = b""  # received, not yet consumed: the start of the next (pipelined) request
+        self.sent = 0  # bytes of the current answer written, for the access log
+        # When the current wait on the client expires (time.monotonic()); None while not waiting on it.
+        self.deadline: float | None = None
+        self.greenlet = gevent.getcurrent()
+        # Between keep-alive requests: wait for the socket to be readable before recv(). The next request
+        # is almost never there yet, and a recv() that fails with EAGAIN first (what gevent's recv does)
+        # costs a syscall and an exception per request. Closed in HttpServer._handle.
+        self.readable = gevent.get_hub().loop.io(sock.fileno(), 1)
+
+    def _wait_for_client(self) -> None:
+        """Start a wait on the client: it must deliver (or take) something within `timeout`."""
+        if self.timeout is not None:
+            self.deadline = time.monotonic() + self.timeout
+
+    # --- the loop ------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        sock = self.sock
+        sock.settimeout(None)  # the deadline bounds the waits (see the module's docstring)
         # Nagle would hold the last, short segment of every file answer until the client ACKs the
-        # previous ones, and clients delay ACKs by up to 40 ms: measured, it cut single-client
-        # throughput tenfold. Headers are still coalesced with the data (MSG_MORE below).
+        # previous ones, and clients delay ACKs by up to 40 ms. Heads are still coalesced with the data
+        # (MSG_MORE).
         with contextlib.suppress(OSError):
-            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        super().handle()
-
-    def _log_path(self) -> str:
-        environ = getattr(self, "environ", None)
-        if environ is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        served = 0
+        max_requests = self.server.max_requests
+        while True:
             try:
-                path = environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8", "replace")
-            except UnicodeError:
-                path = "?"
-        else:
-            # The request line never became an environ (400/414): its raw path, minus the query.
-            path = (getattr(self, "path", None) or "-").partition("?")[0]
-        return self.server.router.loggable_path(path)
+                head = self._read_head(served > 0)
+            except wire.WireError as exc:
+                self._refuse(exc.status, exc.reason, time.monotonic())
+                return
+            if head is None:
+                return
+            start = time.monotonic()  # the access log times the answer, not the idle wait before it
+            served += 1
+            outcome = self._serve(head, head.keep_alive and served < max_requests, start)
+            if outcome is None:
+                return
+            if not outcome:
+                self._linger()
+                return
 
-    def log_request(self) -> None:
-        # One line per request, path and status only: the query string carries clientId.
-        if not log.isEnabledFor(logging.INFO):
-            return
-        status = getattr(self, "_orig_status", None) or self.status or "000"
-        if isinstance(status, bytes):
-            status = status.decode("latin-1")
-        elapsed = (self.time_finish or time.time()) - self.time_start
-        address = self.client_address[0] if isinstance(self.client_address, tuple) else self.client_address
-        log.info(
-            "%s %s %s %s %d %.1fms",
-            address or "-",
-            loggable(getattr(self, "command", None) or "-", 16),
-            self._log_path(),
-            str(status).split(" ", 1)[0],
-            self.response_length or 0,
-            elapsed * 1000,
-        )
-
-    def log_error(self, msg: str, *args: Any) -> None:
+    def _recv(self) -> bytes:
+        """One recv(); b"" at EOF. _Closed on an error or when the deadline passes."""
         try:
-            message = msg % args if args else msg
-        except Exception:
-            message = msg
-        log.warning("%s", loggable(_QUERY_RE.sub("?<query>", str(message)), 300))
+            return self.sock.recv(_RECV)  # type: ignore[no-any-return]
+        except OSError as exc:  # TimeoutError included
+            raise _Closed from exc
 
-    def _handle_client_error(self, ex: Exception) -> tuple[str, bytes] | None:
-        # pywsgi prints a traceback for anything but a ValueError here; a client that stalls mid-request
-        # (the timeout) is routine and gets its connection closed without a word.
-        if isinstance(ex, TimeoutError):
+    def _read_head(self, keep_alive: bool) -> wire.RequestHead | None:
+        """The next request's head; None when the client closed or went idle between requests."""
+        buf = self.buf
+        if not buf:
+            # The usual case: the whole head in one segment. Waiting for it is the keep-alive idle time.
+            # (On a new connection the request is usually in already: recv() at once.)
+            self._wait_for_client()
+            try:
+                if keep_alive:
+                    gevent.get_hub().wait(self.readable)
+                buf = self.sock.recv(_RECV)
+            except OSError:  # TimeoutError included: an idle keep-alive connection ends without a word
+                return None
+            if not buf:
+                return None
+        if buf[:1] in (b"\r", b"\n"):
+            buf = buf.lstrip(b"\r\n")  # blank lines before a request line are ignored (RFC 9112 §2.2)
+        end = wire.find_head_end(buf)
+        if end is None:
+            rest = self._read_rest_of_head(buf)
+            if rest is None:
+                return None
+            buf, end = rest
+        head_end, next_start = end
+        self.buf = buf[next_start:]
+        return wire.parse_head(buf[:head_end])
+
+    def _read_rest_of_head(self, buf: bytes) -> tuple[bytes, tuple[int, int]] | None:
+        """Read until the head is complete: within `timeout` of now, whatever the pace (slowloris), and
+        within the limits of wire.check_partial. None when the connection is over."""
+        self._wait_for_client()  # one deadline for the whole rest, not one per read
+        acc = bytearray(buf)
+        try:
+            while True:
+                wire.check_partial(acc)
+                scanned = len(acc)
+                data = self._recv()
+                if not data:
+                    if acc:
+                        log.debug("%s: connection closed in the middle of a request head", self.remote)
+                    return None
+                acc += data
+                if not scanned and acc[:1] in (b"\r", b"\n"):
+                    del acc[: len(acc) - len(acc.lstrip(b"\r\n"))]
+                end = wire.find_head_end(acc, scanned)
+                if end is not None:
+                    return bytes(acc), end
+        except _Closed:
+            if acc:
+                body = b"request timeout\n"
+                self._send_quietly(self._error_head(408, len(body)) + body)
             return None
-        if isinstance(ex, ValueError):
-            return super()._handle_client_error(ex)  # type: ignore[no-any-return]
-        self.log_error("invalid request from %s: %s", self.client_address, type(ex).__name__)
-        return "400", _BAD_REQUEST
 
-    def handle_error(self, t: type[BaseException], v: BaseException, tb: Any) -> None:
-        # pywsgi would print a traceback together with the environ (QUERY_STRING included) to stderr.
-        if not issubclass(t, gevent.GreenletExit):
-            log.error(
-                "%s %s: failed while sending the response: %s",
-                loggable(getattr(self, "command", None) or "-", 16),
-                self._log_path(),
-                t.__name__,
-            )
-        self._send_error_response_if_possible(500)
-
-    def process_result(self) -> None:
-        result = self.result
-        if (
-            isinstance(result, FileBody)
-            and self.server.zero_copy
-            and self.provided_content_length is not None
-            and self.code not in (204, 304)
-        ):
-            self._send_file(result)
-        else:
-            super().process_result()
-
-    # Flags for the next _sendall: MSG_MORE while sending the headers of a sendfile answer.
-    _send_flags = 0
-
-    def _sendall(self, data: bytes | bytearray) -> None:
-        # pywsgi's _sendall, plus flags.
+    def _read_body(self, head: wire.RequestHead) -> bytes | None:
+        """The request body (b"" without one); None when it did not arrive (the connection is over)."""
+        need = head.content_length
+        if not need:
+            return b""
+        if need > self.router.max_body_bytes:
+            raise wire.WireError(413, "request body too large")
+        buf = self.buf
+        if len(buf) >= need:
+            self.buf = buf[need:]
+            return buf[:need]
+        if head.expect_continue and not buf:
+            self._send_quietly(_CONTINUE)
+        parts = [buf]
+        have = len(buf)
+        self._wait_for_client()
         try:
-            self.socket.sendall(data, self._send_flags)
-        except OSError as ex:
-            self.status = f"socket error: {ex}"
-            if self.code > 0:
-                self.code = -self.code
-            raise
-        self.response_length += len(data)
+            while have < need:
+                data = self._recv()
+                if not data:
+                    return None
+                parts.append(data)
+                have += len(data)
+        except _Closed:
+            return None
+        body = b"".join(parts)
+        self.buf = body[need:]
+        return body[:need]
 
-    def _send_file(self, body: FileBody) -> None:
-        """Headers, then the file straight from the page cache to the socket (os.sendfile).
+    # --- answering -----------------------------------------------------------------------------------
+
+    def _serve(self, head: wire.RequestHead, keep_alive: bool, start: float) -> bool | None:
+        """Answer one request. True: go on with the next one; False: close (lingering); None: drop the
+        connection now (it is broken, or the answer could not be completed)."""
+        self.sent = 0
+        try:
+            body = self._read_body(head)
+        except wire.WireError as exc:
+            self._refuse(exc.status, exc.reason, start, head)
+            return None
+        if body is None:
+            return None
+        self.deadline = None  # the handler takes the time it takes
+        router = self.router
+        try:
+            path, query = router.parse_target(head.path, head.query)
+        except BadRequest as exc:
+            response = Response.text(exc.status, str(exc))
+        else:
+            response = router.dispatch(
+                Request(head.method, path, query, Headers(head.headers.items()), self.remote, body))
+        try:
+            status, keep_alive = self._write(head, response, keep_alive)
+        except _Closed:
+            self._log(head, response.status, start)
+            return None
+        self._log(head, status, start)
+        return keep_alive
+
+    def _write(self, head: wire.RequestHead, response: Response, keep_alive: bool) -> tuple[int, bool]:
+        """Send `response`: (status sent, whether the connection stays open). _Closed when it cannot."""
+        body = response.body
+        status = response.status
+        is_bytes = type(body) is bytes or isinstance(body, bytes | bytearray | memoryview)
+        no_content = status < 200 or status == 204  # neither Content-Length nor content (RFC 9110 §8.6)
+        bodyless = no_content or status == 304 or head.method == "HEAD"
+        length: int | None
+        if is_bytes:
+            length = len(body)  # type: ignore[arg-type]
+        elif isinstance(body, FileBody):
+            length = body.length
+        else:
+            length = self._declared_length(response)
+        if no_content:
+            length = None
+        elif bodyless:
+            # HEAD and 304 describe the content a GET would get: the handler's Content-Length if it gave
+            # one (records.py does for HEAD, with an empty body).
+            declared = self._declared_length(response)
+            length = declared if declared is not None else None if status == 304 else length
+        elif length is None:
+            keep_alive = False  # an iterable of unknown length: the close marks its end
+        connection = None if keep_alive and head.http11 else "keep-alive" if keep_alive else "close"
+        try:
+            data = wire.response_head(status, response.headers, length, connection, _http_date())
+        except (ValueError, TypeError, UnicodeError) as exc:
+            # A header unsafe to send (a CR/LF in a value: header injection): answer 500 instead.
+            if not is_bytes:
+                _close(body)
+            log.error("%s %s: bad response headers: %s at %s", head.method, self._log_path(head),
+                      type(exc).__name__, _where(exc))
+            text = b"internal error\n"
+            data = wire.response_head(500, {"Content-Type": "text/plain; charset=utf-8"}, len(text), connection,
+                                      _http_date())
+            self._send(data if head.method == "HEAD" else data + text)
+            return 500, keep_alive
+        if is_bytes:
+            if bodyless or not body:
+                self._send(data)
+            elif len(body) <= _COALESCE:  # type: ignore[arg-type]
+                self._send(data + bytes(body))  # type: ignore[arg-type]
+            else:
+                self._send(data, _MSG_MORE)
+                self._send(body)  # type: ignore[arg-type]
+        elif bodyless:
+            _close(body)
+            self._send(data)
+        elif isinstance(body, FileBody):
+            self._send_file(head, data, body)
+        else:
+            self._send_iterable(head, data, body, length)
+        return status, keep_alive
+
+    @staticmethod
+    def _declared_length(response: Response) -> int | None:
+        for name, value in response.headers.items():
+            if name.lower() == "content-length":
+                return int(value) if value.isdigit() and value.isascii() else None
+        return None
+
+    def _send(self, data: bytes | bytearray | memoryview, flags: int = 0) -> None:
+        """All of `data`, each send() progressing within the timeout; _Closed otherwise."""
+        sock = self.sock
+        sent = 0
+        self._wait_for_client()
+        try:
+            sent = sock.send(data, flags)
+            if sent < len(data):
+                view = memoryview(data)
+                while sent < len(view):
+                    self._wait_for_client()
+                    sent += sock.send(view[sent:], flags)
+        except OSError as exc:
+            raise _Closed from exc
+        finally:
+            self.sent += sent
+
+    def _send_quietly(self, data: bytes) -> None:
+        with contextlib.suppress(_Closed):
+            self._send(data)
+
+    def _send_file(self, head: wire.RequestHead, data: bytes, body: FileBody) -> None:
+        """Head, then the file: os.sendfile (zero_copy) straight from the page cache, else chunked reads.
 
         gevent's socket.sendfile() falls back to read()+send() in 8 KiB blocks because os.sendfile is not
         cooperative on a blocking socket; the gevent socket's descriptor is non-blocking underneath, so
-        calling os.sendfile on it directly and waiting on EAGAIN is both zero-copy and cooperative.
-        """
-        sock = self.socket
-        out = sock.fileno()
-        # MSG_MORE holds the headers back until the file data joins them: full packets, as nginx's
-        # tcp_nopush, without two setsockopt(TCP_CORK) calls per request.
-        self._send_flags = _MSG_MORE if body.length else 0
+        calling os.sendfile on it directly and waiting on EAGAIN is both zero-copy and cooperative."""
         try:
-            self.write(b"")  # sends the status line and headers
+            # MSG_MORE holds the head back until the file data joins it: full packets, as nginx's
+            # tcp_nopush, without two setsockopt(TCP_CORK) calls per request.
+            self._send(data, _MSG_MORE if body.length else 0)
+            if not self.server.zero_copy:
+                self._send_chunks(head, body, body.length)
+                return
+            out = self.sock.fileno()
+            fd = body.file.fileno()
+            offset, remaining = body.offset, body.length
+            since_yield = 0
+            while remaining > 0:
+                try:
+                    sent = os.sendfile(out, fd, offset, min(remaining, _SENDFILE_STEP))
+                except BlockingIOError:
+                    self._wait_for_client()
+                    try:
+                        wait_write(out)
+                    except OSError as exc:  # TimeoutError included: the deadline passed
+                        raise _Closed from exc
+                    continue
+                except InterruptedError:
+                    continue
+                except OSError as exc:
+                    raise _Closed from exc
+                if sent == 0:
+                    self._body_failed(head, EOFError("file shorter than announced"))
+                offset += sent
+                remaining -= sent
+                self.sent += sent
+                since_yield += sent
+                if since_yield >= _YIELD_EVERY:
+                    since_yield = 0
+                    gevent.sleep(0)
         finally:
-            self._send_flags = 0
-        fd = body.file.fileno()
-        offset, remaining = body.offset, body.length
-        since_yield = 0
-        while remaining > 0:
+            body.close()
+
+    def _send_iterable(self, head: wire.RequestHead, data: bytes, body: Iterable[bytes],
+                       length: int | None) -> None:
+        try:
+            self._send(data, _MSG_MORE if length else 0)
+            self._send_chunks(head, body, length)
+        finally:
+            _close(body)
+
+    def _send_chunks(self, head: wire.RequestHead, body: Iterable[bytes], length: int | None) -> None:
+        """Send what `body` yields; exactly `length` bytes when it is not None, else all of it."""
+        left = length
+        chunks = iter(body)
+        count = since_yield = 0
+        while True:
+            self.deadline = None  # producing the body is the handler's time
             try:
-                sent = os.sendfile(out, fd, offset, min(remaining, _SENDFILE_STEP))
-            except BlockingIOError:
-                wait_write(out, timeout=sock.gettimeout(), timeout_exc=TimeoutError("send timed out"))
+                chunk = next(chunks)
+            except StopIteration:
+                break
+            except Exception as exc:
+                self._body_failed(head, exc)
+            if not chunk:
                 continue
-            except InterruptedError:
-                continue
-            if sent == 0:
-                raise EOFError("file shorter than announced")
-            offset += sent
-            remaining -= sent
-            self.response_length += sent
-            since_yield += sent
-            if since_yield >= _YIELD_EVERY:
+            if left is not None:
+                if len(chunk) > left:
+                    self._body_failed(head, ValueError("body longer than its Content-Length"))
+                left -= len(chunk)
+            self._send(chunk)
+            # A send that never blocks never yields: let the other connections run now and then.
+            count += 1
+            since_yield += len(chunk)
+            if since_yield >= _YIELD_EVERY or count % 64 == 0:
                 since_yield = 0
                 gevent.sleep(0)
+        if left:
+            self._body_failed(head, ValueError("body shorter than its Content-Length"))
+
+    def _body_failed(self, head: wire.RequestHead, exc: BaseException) -> None:
+        """The body cannot be completed after its head went out: log it, end the connection (the client
+        sees a short body and a close, never a wait for bytes that will not come)."""
+        log.error("%s %s: failed while sending the response: %s", head.method, self._log_path(head),
+                  type(exc).__name__)
+        raise _Closed from exc
+
+    @staticmethod
+    def _error_head(status: int, length: int) -> bytes:
+        return wire.response_head(status, {"Content-Type": "text/plain; charset=utf-8"}, length, "close",
+                                  _http_date())
+
+    def _refuse(self, status: int, reason: str, start: float, head: wire.RequestHead | None = None) -> None:
+        """Answer a request the wire layer refused, then close (lingering: the client may still be sending)."""
+        text = (reason + "\n").encode()
+        data = self._error_head(status, len(text))
+        self.sent = 0
+        self._send_quietly(data if head is not None and head.method == "HEAD" else data + text)
+        self._log(head, status, start)
+        self._linger()
+
+    def _linger(self) -> None:
+        sock = self.sock
+        self.deadline = None  # bounded below: a rare path, a socket timeout is fine here
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + _LINGER_SECONDS
+            dropped = 0
+            while dropped < _LINGER_BYTES:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                sock.settimeout(left)
+                data = sock.recv(_RECV)
+                if not data:
+                    break
+                dropped += len(data)
+        except OSError:
+            pass
+
+    # --- the access log ------------------------------------------------------------------------------
+
+    def _log_path(self, head: wire.RequestHead | None) -> str:
+        if head is None:
+            return "-"
+        return self.router.loggable_path(head.path.decode("utf-8", "replace"))
+
+    def _log(self, head: wire.RequestHead | None, status: int, start: float) -> None:
+        # One line per request, path and status only: the query string carries clientId.
+        if not log.isEnabledFor(logging.INFO):
+            return
+        log.info(
+            "%s %s %s %s %d %.1fms",
+            self.remote or "-",
+            loggable(head.method, 16) if head is not None else "-",
+            self._log_path(head),
+            status,
+            self.sent,
+            (time.monotonic() - start) * 1000,
+        )
+
+
+def _close(body: object) -> None:
+    close = getattr(body, "close", None)
+    if close is not None:
+        with contextlib.suppress(Exception):
+            close()
 
 
 class HttpServer:
     """The HTTP listener for retailCRM's callbacks and the record proxy.
 
-    zero_copy sends file responses with os.sendfile; timeout bounds each read/write on a connection
-    (idle keep-alive included); max_connections caps concurrent connections (greenlets).
+    zero_copy sends file responses with os.sendfile; timeout bounds the wait for each request (idle
+    keep-alive included), the arrival of its body, and each send; max_connections caps concurrent
+    connections (greenlets), max_requests the requests answered on one connection.
     """
 
     def __init__(
@@ -200,28 +505,63 @@ class HttpServer:
         zero_copy: bool = True,
         timeout: float | None = 60.0,
         max_connections: int = 1000,
+        max_requests: int = 1000,
     ) -> None:
         self.router = router
+        self.zero_copy = zero_copy
+        self.timeout = timeout or None
+        self.max_requests = max(1, max_requests)
         host, port = parse_listen(listen)
-        self._server = _Server(
-            (host, port),
-            router.wsgi,
-            spawn=Pool(max_connections),
-            log=None,  # the access log is _Handler.log_request, which never writes the query string
-            error_log=None,
-            handler_class=_Handler,
-        )
-        self._server.router = router
-        self._server.zero_copy = zero_copy
-        self._server.conn_timeout = timeout
+        self._server = StreamServer((host, port), self._handle, spawn=Pool(max_connections))
+        self._connections: set[_Connection] = set()
+        self._watchdog: Any = None
+
+    def _handle(self, sock: Any, address: Any) -> None:
+        # StreamServer closes the socket when this returns, whatever happened.
+        conn = _Connection(self, sock, address)
+        self._connections.add(conn)
+        try:
+            conn.run()
+        except (_Closed, OSError):  # OSError: the deadline passed where nothing else expected it
+            pass
+        except Exception as exc:
+            # A bug of ours: one line, no traceback (it would carry request data), and the connection goes.
+            log.error("connection from %s failed: %s at %s", address[0] if isinstance(address, tuple) else "-",
+                      type(exc).__name__, _where(exc))
+        finally:
+            conn.deadline = None
+            conn.readable.close()
+            self._connections.discard(conn)
+
+    def _expire(self) -> None:
+        """The watchdog, run by the hub: time out the connections whose client is late."""
+        try:
+            now = time.monotonic()
+            late = [c for c in self._connections if c.deadline is not None and c.deadline <= now]
+            for conn in late:
+                # Re-checked: expiring one connection runs it, and the state of each may have moved on.
+                if conn.deadline is not None and conn.deadline <= now and not conn.greenlet.dead:
+                    conn.deadline = None
+                    conn.greenlet.throw(TimeoutError("timed out"))
+        except Exception as exc:
+            log.error("http watchdog failed: %s at %s", type(exc).__name__, _where(exc))
 
     def start(self) -> None:
         self._server.start()
+        if self.timeout is not None and self._watchdog is None:
+            # Checked 4 times per timeout (at most once a second): a wait ends within 1.25 x timeout.
+            interval = max(0.01, min(1.0, self.timeout / 4))
+            self._watchdog = gevent.get_hub().loop.timer(interval, interval, ref=False)
+            self._watchdog.start(self._expire)
         host, port = self.address
         log.info("listening on %s:%d", host, port)
 
     def stop(self, timeout: float = 5.0) -> None:
         self._server.stop(timeout=timeout)
+        if self._watchdog is not None:
+            self._watchdog.stop()
+            self._watchdog.close()
+            self._watchdog = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -230,4 +570,6 @@ class HttpServer:
         return str(address[0]), int(address[1])
 
     def serve_forever(self) -> None:
+        if not self._server.started:
+            self.start()
         self._server.serve_forever()

@@ -1,0 +1,427 @@
+"""A real FreeSWITCH for the e2e suite, found in one of three ways, in this order:
+
+1. `FSBRIDGE_E2E_ESL=host:port` (and `FSBRIDGE_E2E_ESL_PASSWORD`, default ClueCon): a FreeSWITCH
+   you already run with tests/e2e/freeswitch/ as its conf and vars.xml's default ports.
+   Recordings are checked only if `FSBRIDGE_E2E_RECORDINGS` names its recordings directory;
+   the restart scenario is skipped (the suite cannot restart someone else's FreeSWITCH).
+2. `FSBRIDGE_E2E_FREESWITCH=/path/to/bin/freeswitch`, or a `freeswitch` on PATH when no Docker
+   engine answers: the suite starts it in a temp dir on free loopback ports and stops it after.
+3. A Docker engine (`docker info` succeeds): pytest-docker brings up the `freeswitch` service of
+   docker/compose.yaml with tests/e2e/compose.e2e.yaml on top (host network, this conf).
+
+With none of them, or without SIPp (`sipp`), every e2e test is skipped with one reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gevent
+import pytest
+
+from tests.conftest import settings
+from tests.e2e.harness import (
+    DID_100,
+    DID_200,
+    DID_GROUP,
+    DID_ROUTED,
+    E2E_CONF,
+    ROOT,
+    SHIPPED_INBOUND,
+    SHIPPED_SCRIPTS,
+    Admin,
+    AdminError,
+    Ports,
+    SippFactory,
+    admin_api,
+    free_port,
+    pick_ports,
+    routed_dialplan,
+)
+from tests.waiting import until
+
+log = logging.getLogger("tests.e2e")
+
+COMPOSE_FILES = [ROOT / "docker" / "compose.yaml", ROOT / "tests" / "e2e" / "compose.e2e.yaml"]
+HOW_TO_ENABLE = (
+    "no FreeSWITCH for the e2e tests: set FSBRIDGE_E2E_FREESWITCH=/path/to/bin/freeswitch (the suite "
+    "starts it), or FSBRIDGE_E2E_ESL=host:port of a FreeSWITCH running tests/e2e/freeswitch/, "
+    "or run a Docker engine (docker/compose.yaml)"
+)
+READY_TIMEOUT = 90.0
+RECORD_SECRET = "e2e-record-secret-0123456789abcdef"
+CLICK_RING_TIMEOUT = 6  # seconds a clicked manager's phone rings (originate.ring_timeout; vars.xml's e2e_ring_timeout)
+_NO_BACKEND: list[str] = []  # why there is no FreeSWITCH, once the session fixture has looked
+
+
+# -- the FreeSWITCH under test ----------------------------------------------------------------------
+
+@dataclass
+class FreeSwitch:
+    kind: str
+    host: str
+    password: str
+    ports: Ports
+    recordings: Path | None
+    can_restart: bool = False
+    restart_hint: str = ""
+    # DID_ROUTED goes through the shipped fsbridge_inbound.xml and fsbridge_route.lua (harness.routed_dialplan)
+    routed_did: bool = False
+
+    def api(self, command: str, timeout: float = 10.0) -> str:
+        return admin_api(self.host, self.ports.esl, self.password, command, timeout)
+
+    def ready(self) -> bool:
+        try:
+            with Admin(self.host, self.ports.esl, self.password, timeout=2.0) as admin:
+                # `sofia status` lists the profile as RUNNING once its SIP port is bound.
+                return admin.api("status").startswith("UP") and "RUNNING" in admin.api("sofia status")
+        except (OSError, AdminError):
+            return False
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.ready():
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise AssertionError(f"FreeSWITCH ({self.kind}) not ready after {timeout:g} s\n{self.log_tail()}")
+            gevent.sleep(0.25)
+
+    def check_alive(self) -> None:
+        pass
+
+    def restart(self, crash: bool) -> None:
+        pytest.skip(self.restart_hint or f"cannot restart a {self.kind} FreeSWITCH")
+
+    def log_tail(self, lines: int = 80) -> str:
+        return ""
+
+    def hang_up_everything(self) -> None:
+        """Leave no channel behind for the next test (its fsbridge would see its events)."""
+        try:
+            if '"row_count":0' in self.api("show channels as json").replace(" ", ""):
+                return
+            self.api("hupall MANAGER_REQUEST")
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                if '"row_count":0' in self.api("show channels as json").replace(" ", ""):
+                    return
+                gevent.sleep(0.2)
+        except (OSError, AdminError) as exc:
+            log.warning("could not clean up channels: %s", exc)
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class LocalFreeSwitch(FreeSwitch):
+    """A FreeSWITCH binary started by the suite in a temp dir, with tests/e2e/freeswitch/ as conf."""
+
+    binary: str = ""
+    base: Path = field(default_factory=Path)
+    proc: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+
+    @classmethod
+    def create(cls, binary: str, base: Path) -> LocalFreeSwitch:
+        fs = cls(kind=f"local {binary}", host="127.0.0.1", password="ClueCon", ports=pick_ports(),
+                 recordings=base / "recordings", can_restart=True, binary=binary, base=base)
+        shutil.copytree(E2E_CONF, base / "conf")
+        if SHIPPED_INBOUND.is_file() and (SHIPPED_SCRIPTS / "fsbridge_route.lua").is_file():
+            # Installed as docs/deploy.md says: into the context the customers' calls arrive in.
+            public = base / "conf" / "dialplan" / "public"
+            public.mkdir(exist_ok=True)
+            (public / "00_fsbridge_inbound.xml").write_text(routed_dialplan(SHIPPED_INBOUND.read_text("utf-8")))
+            fs.routed_did = True
+        for name in ("log", "db", "run", "storage", "recordings", "temp", "cache", "sounds", "certs"):
+            (base / name).mkdir(parents=True, exist_ok=True)
+        return fs
+
+    def _argv(self) -> list[str]:
+        b = self.base
+        # The shipped scripts themselves, not a copy: the Lua routing under test is the one we ship.
+        scripts = SHIPPED_SCRIPTS
+        if not scripts.is_dir():
+            scripts = b / "scripts"
+            scripts.mkdir(exist_ok=True)
+        # -nf -nc: in the foreground (so the suite owns the process) without a console reading stdin.
+        return [self.binary, "-nonat", "-nf", "-nc",
+                "-conf", str(b / "conf"), "-log", str(b / "log"), "-db", str(b / "db"), "-run", str(b / "run"),
+                "-storage", str(b / "storage"), "-recordings", str(b / "recordings"), "-temp", str(b / "temp"),
+                "-cache", str(b / "cache"), "-sounds", str(b / "sounds"), "-certs", str(b / "certs"),
+                "-scripts", str(scripts)]
+
+    def start(self) -> None:
+        env = {**os.environ, **self.ports.env(), "FSBRIDGE_E2E_ESL_PASSWORD": self.password}
+        self.starts += 1
+        out = (self.base / "log" / f"stdout-{self.starts}.log").open("wb")
+        self.proc = subprocess.Popen(self._argv(), cwd=self.base, env=env, stdin=subprocess.DEVNULL,
+                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        out.close()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self._stop(signal.SIGKILL, timeout=10)
+            raise
+
+    def check_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"FreeSWITCH exited with {self.proc.returncode}\n{self.log_tail()}")
+
+    def _stop(self, sig: int, timeout: float) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def restart(self, crash: bool) -> None:
+        # SIGKILL is a crash: FreeSWITCH sends nothing more about the calls it had.
+        # SIGTERM is `systemctl restart`: it hangs the calls up as it shuts down.
+        self._stop(signal.SIGKILL if crash else signal.SIGTERM, timeout=30)
+        self.start()
+
+    def log_tail(self, lines: int = 80) -> str:
+        path = self.base / "log" / "freeswitch.log"
+        if not path.exists():
+            outs = sorted((self.base / "log").glob("stdout-*.log"))
+            path = outs[-1] if outs else path
+        if not path.exists():
+            return "(no FreeSWITCH log)"
+        text = path.read_text("utf-8", "replace").splitlines()
+        return "\n".join(text[-lines:])
+
+    def close(self) -> None:
+        self._stop(signal.SIGTERM, timeout=30)
+
+
+@dataclass
+class DockerFreeSwitch(FreeSwitch):
+    compose: Any = None
+
+    def restart(self, crash: bool) -> None:
+        if crash:
+            self.compose.execute("kill -s SIGKILL freeswitch")
+            self.compose.execute("up -d freeswitch")
+        else:
+            self.compose.execute("restart freeswitch")
+        self.wait_ready()
+
+    def log_tail(self, lines: int = 80) -> str:
+        try:
+            return self.compose.execute(f"logs --tail {lines} freeswitch").decode("utf-8", "replace")
+        except Exception as exc:  # a failing `docker compose logs` must not hide the test's own failure
+            return f"(no logs: {exc})"
+
+
+def _docker_answers() -> bool:
+    if not shutil.which("docker"):
+        return False
+    try:
+        return subprocess.run(["docker", "info"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def choose_backend() -> tuple[str, str]:
+    """("external" | "local" | "docker", detail), or ("", why not)."""
+    if not shutil.which("sipp"):
+        return "", "SIPp not found (`sipp`): the e2e calls need it; on Debian/Ubuntu: apt-get install sip-tester"
+    esl = os.environ.get("FSBRIDGE_E2E_ESL", "").strip()
+    if esl:
+        return "external", esl
+    binary = os.environ.get("FSBRIDGE_E2E_FREESWITCH", "").strip()
+    if binary:
+        if not os.access(binary, os.X_OK):
+            return "", f"FSBRIDGE_E2E_FREESWITCH={binary} is not an executable file"
+        return "local", binary
+    if _docker_answers():
+        return "docker", "docker/compose.yaml"
+    found = shutil.which("freeswitch")
+    if found:
+        return "local", found
+    return "", HOW_TO_ENABLE
+
+
+@pytest.fixture(scope="session")
+def docker_compose_file() -> list[str]:
+    return [str(p) for p in COMPOSE_FILES]
+
+
+@pytest.fixture(scope="session")
+def docker_setup() -> list[str]:
+    # Only FreeSWITCH: the suite runs fsbridge, the fake CRM and SIPp itself.
+    return ["up --build --wait freeswitch"]
+
+
+@pytest.fixture(scope="session")
+def freeswitch(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FreeSwitch]:
+    kind, detail = choose_backend()
+    if not kind:
+        _NO_BACKEND.append(detail)
+        pytest.skip(detail)
+    fs: FreeSwitch
+    if kind == "external":
+        host, _, port = detail.rpartition(":")
+        if not host or not port.isdigit():
+            pytest.fail(f"FSBRIDGE_E2E_ESL must be host:port, got {detail!r}")
+        recordings = os.environ.get("FSBRIDGE_E2E_RECORDINGS")
+        fs = FreeSwitch(kind=f"external {detail}", host=host,
+                        password=os.environ.get("FSBRIDGE_E2E_ESL_PASSWORD", "ClueCon"),
+                        ports=Ports(esl=int(port)), recordings=Path(recordings) if recordings else None,
+                        restart_hint="the restart scenario needs a FreeSWITCH the suite started itself "
+                                     "(FSBRIDGE_E2E_FREESWITCH or Docker), not FSBRIDGE_E2E_ESL")
+        fs.wait_ready(timeout=10)
+    elif kind == "local":
+        fs = LocalFreeSwitch.create(detail, tmp_path_factory.mktemp("freeswitch"))
+        fs.start()
+    else:
+        from pytest_docker.plugin import DockerComposeExecutor
+
+        recordings = tmp_path_factory.mktemp("recordings")
+        recordings.chmod(0o777)  # FreeSWITCH in the container runs as its own user
+        os.environ["FSBRIDGE_E2E_RECORDINGS"] = str(recordings)
+        request.getfixturevalue("docker_services")
+        compose = DockerComposeExecutor(request.getfixturevalue("docker_compose_command"),
+                                        request.getfixturevalue("docker_compose_file"),
+                                        request.getfixturevalue("docker_compose_project_name"))
+        fs = DockerFreeSwitch(kind="docker", host="127.0.0.1", password="ClueCon", ports=Ports(),
+                              recordings=recordings, can_restart=True, compose=compose)
+        fs.wait_ready()
+    version = fs.api("version").strip()
+    log.info("e2e FreeSWITCH: %s, %s", fs.kind, version)
+    yield fs
+    fs.close()
+
+
+# -- one test's world: SIPp, the fake CRM, fsbridge ---------------------------------------------------
+
+@dataclass
+class World:
+    fs: FreeSwitch
+    crm: Any
+    bridge: Any
+    sipp: SippFactory
+    finished: list[Any]
+    uploader: Any = None
+    records_url: str | None = None
+
+    def events(self) -> list[tuple[str, str, list[str], str | None, str | None]]:
+        return [(e["type"], e["phone"], e["codes"], e.get("externalPhone"), e.get("hangupStatus"))
+                for e in self.crm.events]
+
+    def wait_events(self, count: int, timeout: float = 20.0) -> None:
+        until(lambda: len(self.crm.events) >= count, timeout, f"{count} call events in the CRM")
+        # Anything more would arrive right after: give it the chance to, so == catches it.
+        gevent.sleep(0.5)
+
+    def wait_finished(self, timeout: float = 20.0) -> Any:
+        until(lambda: self.finished, timeout, "fsbridge to finish the call")
+        return self.finished[0]
+
+    def wait_cdr(self, call_id: str, timeout: float = 20.0) -> dict[str, Any]:
+        if self.uploader is None:
+            pytest.skip("fsbridge.history (the call history uploader) is not there yet")
+        until(lambda: call_id in self.crm.calls, timeout, f"call {call_id} in the CRM's call history")
+        return dict(self.crm.calls[call_id])
+
+
+def _history(cfg: Any, crm_client: Any, outbox_path: Path) -> Any:
+    """fsbridge's call history uploader if it exists, wired as `fsbridge run` would (the links it signs are
+    the ones the Bridge's own record proxy verifies)."""
+    try:
+        from fsbridge.history import CdrBuilder, Outbox, Uploader
+    except ImportError:
+        return None
+    builder = CdrBuilder.create(cfg.crm.timezone, cfg.managers, public_url=cfg.integration.public_url,
+                                record_secret=cfg.records.link_secret)
+    return Uploader(Outbox(outbox_path), crm_client, builder, linger=0.05, retry_base=0.2, retry_max=1.0)
+
+
+@pytest.fixture
+def world(freeswitch: FreeSwitch, fake_crm: Any, tmp_path: Path,
+          request: pytest.FixtureRequest) -> Iterator[World]:
+    from fsbridge import config
+    from fsbridge.service import Bridge
+
+    freeswitch.hang_up_everything()
+    # The record proxy is the Bridge's own HTTP server: its public URL must be known before it starts.
+    http_port = free_port()
+    public_url = f"http://127.0.0.1:{http_port}"
+    recordings = freeswitch.recordings
+    raw = settings(
+        fs_port=freeswitch.ports.esl, crm_url=fake_crm.url, state_dir=str(tmp_path / "state"),
+        freeswitch={"host": freeswitch.host, "password": freeswitch.password, "reconnect_max_delay": 0.5,
+                    "reconcile_interval": 5.0},
+        http={"listen": f"127.0.0.1:{http_port}"},
+        integration={"public_url": public_url},
+        records={"dir": str(recordings or tmp_path / "no-recordings"), "link_secret": RECORD_SECRET},
+        external_phones={DID_100: "shop1", DID_200: "shop1", DID_GROUP: "shop1", DID_ROUTED: "shop1"},
+        # Click-to-call: the manager's phone by the default template (user/{code}: the directory's users
+        # dial the SIPp phones), the customer on the SIPp UAS that plays the customer.
+        originate={"customer_dial": f"sofia/internal/{{phone}}@127.0.0.1:{freeswitch.ports.customer}",
+                   "ring_timeout": CLICK_RING_TIMEOUT},
+    )
+    if hasattr(config, "HistorySettings"):
+        # Retry quickly: the outage scenarios wait for the history to go out once the CRM is back.
+        raw["history"] = {"retry_max_delay": 1}
+    cfg = config.from_mapping(raw, env={})
+    finished: list[Any] = []
+    sinks: list[Callable[[Any], None]] = [finished.append]
+    bridge = Bridge(cfg, on_finished=lambda call: [sink(call) for sink in sinks])
+    # The Bridge's own history uploader, as `fsbridge run` has it; one of ours for a Bridge without.
+    uploader = getattr(bridge, "history", None)
+    own_uploader = None
+    if uploader is None:
+        uploader = own_uploader = _history(cfg, bridge.crm, tmp_path / "outbox.sqlite3")
+        if own_uploader is not None:
+            sinks.append(own_uploader.on_finished)
+            own_uploader.start()
+    bridge.start()
+    if freeswitch.routed_did:
+        # The routed DID's fsbridge_url names this test's fsbridge (harness.routed_dialplan).
+        freeswitch.api(f"global_setvar e2e_fsbridge_port={bridge.http.address[1]}")
+    sipp = SippFactory(freeswitch.ports, tmp_path / "sipp", fs_host=freeswitch.host)
+    # Recordings are checked only where this machine can read FreeSWITCH's recordings directory.
+    w = World(fs=freeswitch, crm=fake_crm, bridge=bridge, sipp=sipp, finished=finished, uploader=uploader,
+              records_url=public_url if recordings is not None else None)
+    try:
+        until(lambda: bridge.listener.connected, 15, "fsbridge to connect to FreeSWITCH's event socket")
+        yield w
+    finally:
+        failed = getattr(request.node, "rep_call", None)
+        if failed is not None and failed.failed:
+            print(f"\n===== SIPp =====\n{sipp.logs()}\n===== FreeSWITCH ({freeswitch.kind}) =====\n"
+                  f"{freeswitch.log_tail()}")
+        sipp.stop_all()
+        bridge.stop()
+        if own_uploader is not None:
+            own_uploader.close()
+        freeswitch.hang_up_everything()
+
+
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    # The world fixture prints SIPp's and FreeSWITCH's logs when the test itself failed.
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call":
+        item.rep_call = report  # type: ignore[attr-defined]
+    elif report.skipped and _NO_BACKEND and isinstance(report.longrepr, tuple) \
+            and report.longrepr[2].endswith(_NO_BACKEND[0]):
+        # One summary line for the whole suite (-ra folds skips by location and reason), not one per test.
+        report.longrepr = (__file__, 1, report.longrepr[2])

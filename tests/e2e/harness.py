@@ -1,0 +1,402 @@
+"""The pieces of the e2e suite that are not fixtures: ports, a minimal ESL client for the
+suite's own checks, the shipped inbound dialplan as the suite installs it, SIPp processes, the
+customer's voice, and reading a WAV back.
+
+The admin client is deliberately not fsbridge's: the suite must be able to tell "FreeSWITCH
+is up" and "no channels are left" even when fsbridge's own event socket code is broken.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import shutil
+import socket
+import struct
+import subprocess
+import time
+import wave
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import gevent
+
+ROOT = Path(__file__).resolve().parents[2]
+E2E_CONF = ROOT / "tests" / "e2e" / "freeswitch"
+SIP_DIR = ROOT / "tests" / "sip"
+
+CUSTOMER = "75555555555"
+DID_100 = "74999999999"    # rings extension 100
+DID_200 = "74999999998"    # rings extension 200
+DID_GROUP = "74999999997"  # rings 100 and 200 at once
+DID_ROUTED = "74999999996"  # conf/freeswitch/dialplan/fsbridge_inbound.xml: the Lua script asks fsbridge
+ROUTED_FALLBACK = "100"     # where the routed DID goes without a responsible manager
+SHIPPED_INBOUND = ROOT / "conf" / "freeswitch" / "dialplan" / "fsbridge_inbound.xml"
+SHIPPED_SCRIPTS = ROOT / "conf" / "freeswitch" / "scripts"
+
+
+@dataclass(frozen=True)
+class Ports:
+    """Where everything listens. The defaults are tests/e2e/freeswitch/vars.xml's."""
+
+    esl: int = 18021
+    sip: int = 15060
+    ext100: int = 15090
+    ext200: int = 15091
+    customer: int = 15092
+    rtp_start: int = 26000
+    rtp_end: int = 26999
+
+    def env(self) -> dict[str, str]:
+        """The variables vars.xml reads with env-set."""
+        return {
+            "FSBRIDGE_E2E_ESL_PORT": str(self.esl),
+            "FSBRIDGE_E2E_SIP_PORT": str(self.sip),
+            "FSBRIDGE_E2E_EXT100_PORT": str(self.ext100),
+            "FSBRIDGE_E2E_EXT200_PORT": str(self.ext200),
+            "FSBRIDGE_E2E_CUSTOMER_PORT": str(self.customer),
+            "FSBRIDGE_E2E_RTP_START": str(self.rtp_start),
+            "FSBRIDGE_E2E_RTP_END": str(self.rtp_end),
+        }
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def free_ports(count: int, kind: int = socket.SOCK_DGRAM) -> list[int]:
+    """`count` distinct free ports, held open together so none is handed out twice."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, kind)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def pick_ports() -> Ports:
+    esl = free_port(socket.SOCK_STREAM)
+    sip, ext100, ext200, customer = free_ports(4)
+    # An RTP range of its own, away from the ephemeral ports the kernel hands out.
+    base = 20000 + (os.getpid() % 400) * 20
+    return Ports(esl=esl, sip=sip, ext100=ext100, ext200=ext200, customer=customer,
+                 rtp_start=base, rtp_end=base + 19)
+
+
+def udp_port_taken(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+class AdminError(Exception):
+    pass
+
+
+class Admin:
+    """Just enough of the event socket for the suite's own checks: auth and `api`."""
+
+    def __init__(self, host: str, port: int, password: str, timeout: float = 5.0) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self._buf = b""
+        headers, _ = self._read()
+        if headers.get("Content-Type") != "auth/request":
+            self.close()
+            raise AdminError(f"not an event socket: {headers}")
+        self.sock.sendall(f"auth {password}\n\n".encode())
+        headers, _ = self._read()
+        if not headers.get("Reply-Text", "").startswith("+OK"):
+            self.close()
+            raise AdminError(f"auth refused: {headers.get('Reply-Text')}")
+
+    def _read_line(self) -> bytes:
+        while b"\n" not in self._buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise AdminError("event socket closed")
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        return line
+
+    def _read(self) -> tuple[dict[str, str], bytes]:
+        headers: dict[str, str] = {}
+        while True:
+            line = self._read_line()
+            if not line:
+                if headers:
+                    break
+                continue
+            name, _, value = line.decode("utf-8", "replace").partition(":")
+            headers[name.strip()] = value.strip()
+        length = int(headers.get("Content-Length", "0"))
+        while len(self._buf) < length:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise AdminError("event socket closed")
+            self._buf += chunk
+        body, self._buf = self._buf[:length], self._buf[length:]
+        return headers, body
+
+    def api(self, command: str) -> str:
+        self.sock.sendall(f"api {command}\n\n".encode())
+        while True:
+            headers, body = self._read()
+            if headers.get("Content-Type") == "api/response":
+                return body.decode("utf-8", "replace")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def __enter__(self) -> Admin:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def admin_api(host: str, port: int, password: str, command: str, timeout: float = 5.0) -> str:
+    with Admin(host, port, password, timeout) as admin:
+        return admin.api(command)
+
+
+# -- the shipped inbound dialplan -----------------------------------------------------------------
+
+def routed_dialplan(shipped: str) -> str:
+    """conf/freeswitch/dialplan/fsbridge_inbound.xml as an admin installs it (docs/deploy.md, section 4):
+    only the lines marked EDIT change. The DIDs: DID_ROUTED. The fallback: extension 100 of the public
+    context. fsbridge_url: each test's fsbridge, whose port FreeSWITCH reads from a global variable when
+    the call comes in. Everything else (timeouts, `user/{ext}@$${domain}`, the recording, ring_ready,
+    the script and the transfer after it) is the shipped text.
+    """
+    edits = [
+        (r'(<condition field="destination_number" expression=")[^"]*(")', rf"\g<1>^\\+?({DID_ROUTED})$\g<2>"),
+        (r'(data="fsbridge_fallback=)[^"]*(")', rf"\g<1>{ROUTED_FALLBACK} XML public\g<2>"),
+        (r'(data="fsbridge_url=http://127\.0\.0\.1:)[0-9]+(/routing/manager")', r"\g<1>${e2e_fsbridge_port}\g<2>"),
+    ]
+    text = shipped
+    for pattern, replacement in edits:
+        text, count = re.subn(pattern, replacement, text)
+        if count != 1:
+            raise AssertionError(f"{SHIPPED_INBOUND.name}: expected one line matching {pattern!r} (an EDIT line "
+                                 f"of docs/deploy.md), found {count}: update routed_dialplan()")
+    return text
+
+
+# -- SIPp ---------------------------------------------------------------------------------------
+
+class Sipp:
+    """One SIPp process playing one scenario of tests/sip/ for one call."""
+
+    def __init__(self, name: str, argv: list[str], workdir: Path) -> None:
+        self.name = name
+        self.argv = argv
+        self.workdir = workdir
+        self.out = (workdir / f"{name}.out").open("wb")
+        self.proc = subprocess.Popen(argv, cwd=workdir, stdin=subprocess.DEVNULL, stdout=self.out,
+                                     stderr=subprocess.STDOUT)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"SIPp {self.name} still running after {timeout:g} s\n{self.logs()}") from None
+
+    def ok(self, timeout: float = 60.0) -> None:
+        """The scenario ran to its end (exit 0): every message came as the scenario expects."""
+        code = self.wait(timeout)
+        assert code == 0, f"SIPp {self.name} exited {code}\n{self.logs()}"
+
+    def messages(self) -> str:
+        """The SIP messages this SIPp sent and received so far (its -trace_msg log)."""
+        path = self.workdir / f"{self.name}.messages.log"
+        return path.read_text("utf-8", "replace") if path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+        self.out.close()
+
+    def logs(self, limit: int = 4000) -> str:
+        if not self.out.closed:
+            self.out.flush()
+        parts = []
+        for path in sorted(self.workdir.glob(f"{self.name}*")):
+            if path.is_file():
+                text = path.read_text("utf-8", "replace")
+                parts.append(f"--- {path.name}\n{text[-limit:]}")
+        return "\n".join(parts)
+
+
+class SippFactory:
+    """Starts SIPp phones and customers against one FreeSWITCH; stops what is left at the end."""
+
+    def __init__(self, ports: Ports, workdir: Path, fs_host: str = "127.0.0.1") -> None:
+        self.ports = ports
+        self.workdir = workdir
+        self.fs_host = fs_host
+        self.running: list[Sipp] = []
+        self._counter = 0
+        workdir.mkdir(parents=True, exist_ok=True)
+        # The customer's voice: SIPp looks for the pcap in its working directory.
+        write_voice_pcap(workdir / "customer.pcap")
+
+    def _media_port(self) -> int:
+        # SIPp uses the media port and the next ones (RTP, RTCP, echo): keep them apart.
+        while True:
+            port = free_port(socket.SOCK_DGRAM)
+            if port % 2 == 0 and not any(udp_port_taken(p) for p in (port + 1, port + 2, port + 3)):
+                return port
+
+    def _common(self, name: str, scenario: str, local_port: int) -> list[str]:
+        sipp = shutil.which("sipp") or "sipp"
+        return [sipp, "-sf", str(SIP_DIR / scenario), "-i", "127.0.0.1", "-p", str(local_port),
+                "-mi", "127.0.0.1", "-mp", str(self._media_port()), "-m", "1", "-l", "1",
+                "-nostdin", "-timeout", "120s", "-timeout_error",
+                "-trace_err", "-error_file", str(self.workdir / f"{name}.errors.log"),
+                "-trace_msg", "-message_file", str(self.workdir / f"{name}.messages.log")]
+
+    def _name(self, what: str) -> str:
+        self._counter += 1
+        return f"{self._counter:02d}-{what}"
+
+    def _start(self, name: str, argv: list[str]) -> Sipp:
+        sipp = Sipp(name, argv, self.workdir)
+        self.running.append(sipp)
+        return sipp
+
+    def phone(self, ext: str, behaviour: str, *, ring_ms: int = 1000, transfer_to: str = "",
+              hold_ms: int = 3000) -> Sipp:
+        """Extension `ext`'s phone, or with ext="customer" the customer a manager calls: "answer" (talks
+        until the other side hangs up), "talk" (answers, talks for hold_ms, hangs up), "busy" (rings,
+        then 486), "dnd" (486 at once), "ring" (never picked up) or "transfer"."""
+        port = {"100": self.ports.ext100, "200": self.ports.ext200, "customer": self.ports.customer}[ext]
+        scenario = {"answer": "uas_answer.xml", "talk": "uas_talk.xml", "busy": "uas_busy.xml", "dnd": "uas_dnd.xml",
+                    "ring": "uas_ring.xml", "transfer": "uas_transfer.xml"}[behaviour]
+        name = self._name(f"phone{ext}-{behaviour}")
+        argv = [*self._common(name, scenario, port), "-d", str(ring_ms)]
+        # The one who talks plays the customer's voice; the others echo what they hear.
+        argv += ["-set", "hold_ms", str(hold_ms)] if behaviour == "talk" else ["-rtp_echo"]
+        if transfer_to:
+            argv += ["-key", "transfer_to", transfer_to]
+        sipp = self._start(name, argv)
+        wait_for(lambda: udp_port_taken(port) or sipp.proc.poll() is not None, 5.0, f"SIPp {name} to listen")
+        if sipp.proc.poll() is not None:
+            raise AssertionError(f"SIPp {name} did not start\n{sipp.logs()}")
+        return sipp
+
+    def customer(self, dialled: str, behaviour: str, *, hold_ms: int = 3000, caller: str = CUSTOMER) -> Sipp:
+        """The customer calling `dialled`: "talk" (for hold_ms after the answer, then BYE),
+        "refused" (expects a final error), or "cancel" (gives up hold_ms after the 183)."""
+        scenario = {"talk": "uac_talk.xml", "refused": "uac_refused.xml", "cancel": "uac_cancel.xml"}[behaviour]
+        name = self._name(f"customer-{behaviour}")
+        argv = [*self._common(name, scenario, free_port(socket.SOCK_DGRAM)),
+                f"{self.fs_host}:{self.ports.sip}", "-s", dialled, "-key", "caller", caller, "-d", str(hold_ms)]
+        return self._start(name, argv)
+
+    def stop_all(self) -> None:
+        for sipp in self.running:
+            sipp.stop()
+
+    def logs(self) -> str:
+        return "\n".join(s.logs() for s in self.running)
+
+
+def wait_for(check, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        gevent.sleep(0.05)
+
+
+# -- the customer's voice -------------------------------------------------------------------------
+
+def _alaw(sample: int) -> int:
+    """G.711 A-law of a 16-bit sample (the reference algorithm, Sun's g711.c)."""
+    value = sample >> 3
+    if value >= 0:
+        mask = 0xD5
+    else:
+        mask = 0x55
+        value = -value - 1
+    for seg, end in enumerate((0x1F, 0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF)):
+        if value <= end:
+            low = (value >> 1) & 0x0F if seg < 2 else (value >> seg) & 0x0F
+            return ((seg << 4) | low) ^ mask
+    return 0x7F ^ mask
+
+
+def voice_packets(seconds: float, freq: float = 440.0) -> Iterator[bytes]:
+    """20 ms RTP packets (PCMA, payload type 8) of a tone: something audible in the recording."""
+    ssrc = 0x5EED1234
+    samples_per_packet = 160
+    count = int(seconds * 50)
+    for n in range(count):
+        payload = bytes(
+            _alaw(int(12000 * math.sin(2 * math.pi * freq * (n * samples_per_packet + i) / 8000)))
+            for i in range(samples_per_packet))
+        header = struct.pack("!BBHII", 0x80, 8, n & 0xFFFF, (n * samples_per_packet) & 0xFFFFFFFF, ssrc)
+        yield header + payload
+
+
+def write_voice_pcap(path: Path, seconds: float = 30.0) -> None:
+    """A pcap SIPp's play_pcap_audio replays (it rewrites addresses and ports, keeps the RTP)."""
+    out = [struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1)]  # Ethernet link type
+    for n, rtp in enumerate(voice_packets(seconds)):
+        udp = struct.pack("!HHHH", 6000, 6000, 8 + len(rtp), 0) + rtp
+        total = 20 + len(udp)
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, n & 0xFFFF, 0, 64, 17, 0,
+                         bytes([127, 0, 0, 1]), bytes([127, 0, 0, 1]))
+        ip = ip[:10] + struct.pack("!H", _ip_checksum(ip)) + ip[12:]
+        frame = b"\x00" * 12 + b"\x08\x00" + ip + udp
+        usec = n * 20000
+        out.append(struct.pack("<IIII", usec // 1_000_000, usec % 1_000_000, len(frame), len(frame)) + frame)
+    path.write_bytes(b"".join(out))
+
+
+def _ip_checksum(header: bytes) -> int:
+    total = sum(struct.unpack(f"!{len(header) // 2}H", header))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+# -- recordings ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class WavInfo:
+    channels: int
+    rate: int
+    seconds: float
+    rms: tuple[float, ...]  # per channel, of 16-bit samples
+
+
+def read_wav(data: bytes) -> WavInfo:
+    """What a player would make of the file; raises if it would not play it."""
+    import io
+
+    with wave.open(io.BytesIO(data)) as w:
+        channels, rate, width, frames = w.getnchannels(), w.getframerate(), w.getsampwidth(), w.getnframes()
+        raw = w.readframes(frames)
+    if width != 2:
+        return WavInfo(channels, rate, frames / rate if rate else 0.0, ())
+    samples = struct.unpack(f"<{len(raw) // 2}h", raw[: len(raw) // 2 * 2])
+    rms = []
+    for ch in range(channels):
+        mine = samples[ch::channels]
+        rms.append(math.sqrt(sum(s * s for s in mine) / len(mine)) if mine else 0.0)
+    return WavInfo(channels, rate, frames / rate if rate else 0.0, tuple(rms))
