@@ -17,6 +17,7 @@ nginx (zero-copy, Range and conditionals done by nginx). The matching nginx conf
 
 from __future__ import annotations
 
+import functools
 import re
 from email.utils import formatdate, parsedate_to_datetime
 from functools import lru_cache
@@ -78,11 +79,15 @@ def _weak_match(header: str, etag: str) -> bool:
 
 
 @lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=1024)
 def _format_date(mtime: int) -> str:
+    # Cached: a recording's date never changes, and formatting it is a measurable part of a request.
     return formatdate(mtime, usegmt=True)
 
 
 def _http_date(header: str) -> float | None:
+    if not header:
+        return None
     try:
         when = parsedate_to_datetime(header)
     except (TypeError, ValueError, IndexError):
