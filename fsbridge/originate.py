@@ -118,6 +118,7 @@ def originate_command(click: Click, plan: DialPlan, call_uuid: str) -> str:
     customer_vars = ["fsbridge_click=true"]
     if click.external_phone:
         customer_vars += [f"origination_caller_id_number={click.external_phone}",
+                          f"origination_caller_id_name={click.external_phone}",
                           f"effective_caller_id_number={click.external_phone}"]
     return f"originate {{{','.join(manager_vars)}}}{manager} &bridge({{{','.join(customer_vars)}}}{customer})"
 

@@ -45,7 +45,8 @@ def test_a_real_click_is_normalised() -> None:
         "originate {origination_uuid=0b5e7b52-38f6-4c5b-9c2e-1f0e9d1d7a11,origination_caller_id_number=+79121234567,"
         "origination_caller_id_name=+79121234567,originate_timeout=30,ignore_early_media=true,fsbridge_click=true}"
         "user/100 &bridge({fsbridge_click=true,origination_caller_id_number=74999999999,"
-        "effective_caller_id_number=74999999999}sofia/gateway/provider1/+79121234567)")
+        "origination_caller_id_name=74999999999,effective_caller_id_number=74999999999}"
+        "sofia/gateway/provider1/+79121234567)")
 
 
 @pytest.mark.parametrize(("param", "payload"), list(itertools.product(["code", "phone", "externalPhone"],
