@@ -124,3 +124,27 @@ def test_commands_cannot_smuggle_a_second_command(simulator) -> None:
         assert not any("originate" in c for c in simulator.commands)
     finally:
         conn.stop()
+
+
+def test_live_channel_uuids_from_the_captured_listing(fixtures_dir) -> None:
+    """The uuids of `show channels as json` as a real FreeSWITCH answered it, busy and idle."""
+    import json as jsonlib
+
+    from fsbridge.esl.protocol import FrameReader
+    from fsbridge.service import live_channel_uuids
+
+    for name, expected in (("show_channels_calls_json.raw", 2), ("show_channels_calls_json_idle.raw", 0)):
+        frames = FrameReader().feed((fixtures_dir / "esl" / name).read_bytes())
+        body = next(f.body.decode() for f in frames if f.content_type == "api/response")
+
+        class Conn:
+            def __init__(self, answer: str) -> None:
+                self.answer = answer
+
+            def api(self, command: str) -> str:
+                assert command == "show channels as json"
+                return self.answer
+
+        uuids = live_channel_uuids(Conn(body))  # type: ignore[arg-type]
+        rows = jsonlib.loads(body).get("rows", [])
+        assert uuids == {row["uuid"] for row in rows} and len(uuids) == expected

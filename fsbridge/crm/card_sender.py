@@ -33,6 +33,7 @@ class CardSender:
         self.dropped_full = 0
         self.rejected = 0
         self.not_exist_codes: set[str] = set()
+        self._last_stale_log = -1e9
         self._greenlets: list[gevent.Greenlet] = []
 
     @property
@@ -96,5 +97,10 @@ class CardSender:
 
     def _stale(self, event: CallEvent, why: str) -> None:
         self.dropped_stale += 1
-        log.warning("dropped the %s card of call %s after %.0f s (%s); %d dropped so far",
-                    event.type, event.call_id, self.max_age, why, self.dropped_stale)
+        # One line per 10 s at most: during a CRM outage every card goes stale, and a line each
+        # would flood the log (and cost CPU) exactly when the admin needs it readable.
+        now = time.monotonic()
+        if now - self._last_stale_log >= 10.0:
+            log.warning("dropped the %s card of call %s after %.0f s (%s); %d card(s) dropped so far",
+                        event.type, event.call_id, self.max_age, why, self.dropped_stale)
+            self._last_stale_log = now
