@@ -84,6 +84,7 @@ class Bridge:
         self.manager_lookup = ManagerLookup(self.crm, cfg.manager_codes, self.statuses, timeout=r.timeout,
                                             cache_ttl=r.cache_ttl, negative_ttl=r.negative_ttl,
                                             cache_size=r.cache_size, ignore_status=r.ignore_status)
+        self.click_to_call_off = ""
         self.originator = self._originator()
         self.health = Health(
             esl_connected=lambda: self.listener.connected,
@@ -108,7 +109,8 @@ class Bridge:
                             ring_timeout=o.ring_timeout, ringing_wait=o.ringing_wait,
                             dedupe_window=o.dedupe_window, record_dir=str(self.cfg.records.dir))
         except ValueError as exc:
-            log.warning("click-to-call is off: originate.%s", exc)
+            self.click_to_call_off = f"click-to-call is off: originate.{exc}"
+            log.warning("%s", self.click_to_call_off)
             return None
         return Originator(self.listener, self.tracker, plan)
 
@@ -120,9 +122,8 @@ class Bridge:
         LogoHandler().register(router)
         RecordsHandler(self.links, self.recordings,
                        accel_redirect_prefix=cfg.records.accel_redirect_prefix or None).register(router)
-        if self.originator is not None:
-            MakeCallHandler(cfg.integration.client_id, cfg.managers, cfg.external_phones,
-                            self.originator).register(router)
+        MakeCallHandler(cfg.integration.client_id, cfg.managers, cfg.external_phones, self.originator,
+                        off_reason=self.click_to_call_off).register(router)
         OpsHandlers(self.metrics, self.health).register(router)
         return router
 

@@ -98,3 +98,13 @@ def test_status_callback_is_served_and_remembered(running) -> None:
     reply = requests.get(url, timeout=5)
     assert reply.status_code == 200 and reply.text == ""
     assert bridge.statuses.get("100") == "dinner" and not bridge.statuses.is_free("100")
+
+
+def test_click_to_call_without_a_gateway_says_why(start_bridge) -> None:
+    bridge = start_bridge()   # the default customer_dial needs originate.gateway, which is not set
+    base = base_url(bridge)
+    assert make_call(base, clientId="nope").status_code == 403
+    reply = make_call(base)
+    assert reply.status_code == 503
+    assert reply.text.strip() == ("click-to-call is off: originate.gateway: missing; "
+                                  "the dial-string templates use {gateway}")

@@ -18,8 +18,10 @@ DEFAULT_PATH = "/retailcrm/make-call"
 
 class MakeCallHandler:
     def __init__(self, client_id: str, managers: dict[str, int], external_phones: dict[str, str],
-                 originator: Originator) -> None:
+                 originator: Originator | None, off_reason: str = "") -> None:
         self.client_id = client_id
+        # Without an originator (the config does not allow one) the CRM still gets a reason, not a 404.
+        self.off_reason = off_reason or "click-to-call is not configured"
         self.managers = managers
         self.codes = frozenset(managers)
         self.external_phones = external_phones
@@ -32,6 +34,8 @@ class MakeCallHandler:
         denied = check_client_id(request, self.client_id)
         if denied is not None:
             return denied
+        if self.originator is None:
+            return Response.text(503, self.off_reason)
         q = request.query
         try:
             click = validate_click(q.get("code"), q.get("phone"), q.get("externalPhone"), self.codes,
