@@ -19,6 +19,7 @@ from fsbridge.http import HttpServer, Router
 from fsbridge.http.records import RecordsHandler, parse_range
 from fsbridge.record_links import RecordLinks
 from fsbridge.recordings import Recordings
+from tests.procfs import open_fds
 
 REC_ID = "31ff8abf-a4ac-4f83-a050-5a0db45e0c55"
 MISSING_ID = "00000000-1111-2222-3333-444444444444"
@@ -396,17 +397,6 @@ def _make_big(env: Env) -> tuple[Path, dict[int, bytes]]:
     return path, markers
 
 
-def _fds_on(path: Path) -> int:
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink(f"/proc/self/fd/{fd}") == str(path):
-                count += 1
-        except OSError:
-            pass
-    return count
-
-
 @pytest.mark.slow
 def test_50mb_file_streams_without_growing_memory(env: Env) -> None:
     path, markers = _make_big(env)
@@ -427,7 +417,7 @@ def test_50mb_file_streams_without_growing_memory(env: Env) -> None:
     assert seen == markers
     # Whole-file buffering would add 50 MB (twice that with a copy); chunks are 64 KiB.
     assert peak - baseline < 8 * 1024 * 1024, (peak - baseline) / 1e6
-    assert _fds_on(path) == 0
+    assert open_fds(path) == 0
 
 
 @pytest.mark.slow
@@ -440,13 +430,13 @@ def test_client_disconnecting_mid_body_releases_the_file(env: Env) -> None:
         got = 0
         while got < 256 * 1024:
             got += len(s.recv(65536))
-        assert _fds_on(path) == 1  # the transfer is in flight: the probe sees the open file
+        assert open_fds(path) == 1  # the transfer is in flight: the probe sees the open file
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST
         s.close()
         deadline = time.monotonic() + 5
-        while _fds_on(path) and time.monotonic() < deadline:
+        while open_fds(path) and time.monotonic() < deadline:
             gevent.sleep(0.02)
-        assert _fds_on(path) == 0
+        assert open_fds(path) == 0
     # ... and a polite close (FIN, unread data) too.
     s = socket.create_connection(env.server.address, timeout=5)
     s.sendall(f"GET {env.links.path(BIG_ID)} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
@@ -454,9 +444,9 @@ def test_client_disconnecting_mid_body_releases_the_file(env: Env) -> None:
     s.shutdown(socket.SHUT_RDWR)
     s.close()
     deadline = time.monotonic() + 5
-    while _fds_on(path) and time.monotonic() < deadline:
+    while open_fds(path) and time.monotonic() < deadline:
         gevent.sleep(0.02)
-    assert _fds_on(path) == 0
+    assert open_fds(path) == 0
     # The server is still fine.
     assert requests.get(env.url(), headers={"Range": "bytes=0-3"}).content == b"RIFF"
 
@@ -481,9 +471,9 @@ def test_no_answer_leaves_the_file_open(env: Env) -> None:
         s.get(env.url(), stream=True).close()  # body never read
         assert s.get(env.url(), headers={"Range": "bytes=-2"}).status_code == 206
     deadline = time.monotonic() + 5
-    while _fds_on(path) and time.monotonic() < deadline:
+    while open_fds(path) and time.monotonic() < deadline:
         gevent.sleep(0.02)
-    assert _fds_on(path) == 0
+    assert open_fds(path) == 0
 
 
 @pytest.mark.slow
@@ -502,9 +492,9 @@ def test_file_shrinking_mid_transfer_drops_the_connection(env: Env, caplog: pyte
     s.close()
     assert got < BIG_SIZE  # the client sees a short body and a closed connection, never a hang
     deadline = time.monotonic() + 5
-    while _fds_on(path) and time.monotonic() < deadline:
+    while open_fds(path) and time.monotonic() < deadline:
         gevent.sleep(0.02)
-    assert _fds_on(path) == 0
+    assert open_fds(path) == 0
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "EOFError" in errors[0] and "leak-me" not in errors[0]
     assert "Traceback" not in capfd.readouterr().err

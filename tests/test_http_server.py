@@ -16,6 +16,7 @@ import gevent
 import pytest
 
 from fsbridge.http import FileBody, HttpServer, Request, Response, Router, wire
+from tests.procfs import open_fds
 
 BIG_SIZE = 20 * 1024 * 1024
 
@@ -618,17 +619,6 @@ def test_idle_keep_alive_connection_is_closed_silently(tmp_path: Path) -> None:
             assert _closed_within(s, 3) == b""  # no 408 for a connection that was merely idle
 
 
-def _fds_on(path: Path) -> int:
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink(f"/proc/self/fd/{fd}") == str(path):
-                count += 1
-        except OSError:
-            pass
-    return count
-
-
 def _wait_until(condition, seconds: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + seconds
     while not condition():
@@ -648,13 +638,13 @@ def test_client_vanishing_mid_file_costs_nothing(app: App, how: str) -> None:
         got = 0
         while got < 256 * 1024:
             got += len(s.recv(65536))
-        assert _fds_on(app.big) == 1  # in flight
+        assert open_fds(app.big) == 1  # in flight
         if how == "reset":
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         else:
             s.shutdown(socket.SHUT_RDWR)
         s.close()
-        assert _wait_until(lambda: _fds_on(app.big) == 0)
+        assert _wait_until(lambda: open_fds(app.big) == 0)
     assert _wait_until(lambda: len(os.listdir("/proc/self/fd")) <= fds_before)  # no socket left behind
     assert exchange(app, get())[0].status == 200
 
@@ -675,7 +665,7 @@ def test_client_that_stops_reading_is_dropped_after_the_timeout(tmp_path: Path) 
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
         s.sendall(get("/big"))
         s.recv(1024)  # ... and then reads nothing more
-        assert _wait_until(lambda big=app.big: _fds_on(big) == 0, 5)
+        assert _wait_until(lambda big=app.big: open_fds(big) == 0, 5)
         s.close()
 
 
