@@ -22,6 +22,16 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _ENDPOINT_RE = re.compile(r"^/api(?:/v5)?/(?P<name>telephony/[a-z/]+|integration-modules|credentials)")
 
 
+_HTTP_ROUTES = ("records", "retailcrm/make-call", "retailcrm/status", "routing/manager", "logo.svg", "metrics",
+                "healthz")
+
+
+def http_route(path: str) -> str:
+    """A low-cardinality label for a request path: the route, never ids, signatures or scanner noise."""
+    stripped = path.lstrip("/")
+    return next((r for r in _HTTP_ROUTES if stripped == r or stripped.startswith(r + "/")), "other")
+
+
 def crm_endpoint(path: str) -> str:
     """A low-cardinality name for a CRM path (module codes and ids left out)."""
     m = _ENDPOINT_RE.match(path)
@@ -43,8 +53,8 @@ class Metrics:
                                      ["method", "endpoint"], registry=r)
         self.http = Counter("fsbridge_http_responses_total", "HTTP answers by route and status",
                             ["route", "status"], registry=r)
-        self.http_bytes = Counter("fsbridge_http_sent_bytes_total", "Body bytes sent, by route", ["route"],
-                                  registry=r)
+        self.http_bytes = Counter("fsbridge_http_sent_bytes_total", "Bytes sent (head and body), by route",
+                                  ["route"], registry=r)
         self.up_since = Gauge("fsbridge_start_time_seconds", "When this fsbridge process started", registry=r)
         self.up_since.set(time.time())
         self._event_children: dict[str, Any] = {}
@@ -61,6 +71,11 @@ class Metrics:
         endpoint = crm_endpoint(path)
         self.crm_requests.labels(method, endpoint, str(status) if status else "no reply").inc()
         self.crm_latency.labels(method, endpoint).observe(seconds)
+
+    def on_http(self, path: str, status: int, sent: int) -> None:
+        route = http_route(path)
+        self.http.labels(route, str(status)).inc()
+        self.http_bytes.labels(route).inc(sent)
 
     def watch(self, name: str, doc: str, read: Callable[[], Iterable[tuple[dict[str, str], float]]], *,
               counter: bool = False) -> None:

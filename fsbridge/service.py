@@ -96,6 +96,7 @@ class Bridge:
         self.router = self._routes()
         self.http = HttpServer(cfg.http.listen, self.router, zero_copy=cfg.http.zero_copy,
                                timeout=cfg.http.timeout, max_connections=cfg.http.max_connections)
+        self.http.observer = self.metrics.on_http
 
     def _outbox_max_age(self) -> float:
         """A call waiting longer than this means the history is stuck, not just between uploads."""
@@ -248,6 +249,8 @@ class Bridge:
         m.watch("fsbridge_esl_events_lost_total", "Channels closed by reconciliation because their events were lost",
                 lambda: [({"how": "reconciled"}, tracker.closed_by_reconcile),
                          ({"how": "listener_killed"}, self.listener.lost_listener)], counter=True)
+        m.watch("fsbridge_esl_events_malformed_total", "Events skipped because they could not be parsed",
+                lambda: [({}, self.listener.malformed_events)], counter=True)
         m.watch("fsbridge_esl_connected", "1 while the event socket is connected",
                 lambda: [({}, 1.0 if self.listener.connected else 0.0)])
 

@@ -162,3 +162,19 @@ def test_kill_9_mid_stream_loses_no_finished_call(tmp_path, simulator, fake_crm)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
+
+
+def test_metrics_count_http_answers_by_route_and_malformed_events(running, simulator) -> None:
+    bridge, base = running
+    requests.get(f"{base}/records/forged-signature/31ff8abf-a4ac-4f83-a050-5a0db45e0c55.wav", timeout=5)
+    requests.get(f"{base}/no/such/path/{'x' * 40}", timeout=5)
+    body = b'{"Event-Name":"CHANNEL_CREATE","Unique-ID":"unterminated}'
+    simulator.send_raw(b"Content-Length: %d\nContent-Type: text/event-json\n\n" % len(body) + body)
+    until(lambda: bridge.listener.malformed_events == 1, what="the malformed event to be counted")
+    text = requests.get(f"{base}/metrics", timeout=5).text
+    assert metric(text, "fsbridge_http_responses_total", route="records", status="403") == 1
+    assert metric(text, "fsbridge_http_responses_total", route="other", status="404") == 1
+    assert metric(text, "fsbridge_http_sent_bytes_total", route="records") > 0
+    assert metric(text, "fsbridge_esl_events_malformed_total") == 1
+    assert "forged-signature" not in text and "x" * 40 not in text, "paths never become labels"
+    assert bridge.listener.connected, "a malformed event is skipped, not a reason to reconnect"

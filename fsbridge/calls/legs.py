@@ -7,7 +7,7 @@ gateways / contexts / profiles, and the shape of the number.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fsbridge.config import Config, normalize_number
@@ -40,7 +40,6 @@ class Leg:
     end_us: int = 0
     hangup_cause: str = ""
     last_seen: int = 0            # the tracker's event counter when this leg was last touched
-    peers: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True, slots=True)

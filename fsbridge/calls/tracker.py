@@ -190,8 +190,6 @@ class CallTracker:
         b = self.legs.get(ev.get("Bridge-B-Unique-ID", ""))
         if a is None or b is None:
             return
-        a.peers.add(b.uuid)
-        b.peers.add(a.uuid)
         a.last_seen = b.last_seen = self.seen
         roles = {a.role: a, b.role: b}
         customer, manager = roles.get(CUSTOMER), roles.get(MANAGER)

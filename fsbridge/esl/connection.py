@@ -57,7 +57,6 @@ class EslConnection(InboundESL):
         self.on_event = on_event or (lambda event: None)
         self.closed = gevent.event.Event()
         self.close_reason = ""
-        self.events_received = 0
         self.bad_events = 0
         self._pending: collections.deque[gevent.event.AsyncResult] = collections.deque()
         self._jobs: dict[str, gevent.event.AsyncResult] = {}
@@ -167,7 +166,6 @@ class EslConnection(InboundESL):
                 self.bad_events += 1
                 log.warning("event socket: skipped a malformed event (%s)", exc)
                 return
-            self.events_received += 1
             try:
                 if event.get("Event-Name") == "BACKGROUND_JOB":
                     job = self._jobs.pop(event.get("Job-UUID", ""), None)

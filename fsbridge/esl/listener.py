@@ -40,12 +40,19 @@ class EventListener:
         self.min_delay = min_delay
         self.connection: EslConnection | None = None
         self.reconnects = 0
+        self.malformed_before = 0     # malformed events skipped on earlier connections
         self.lost_listener = 0        # times FreeSWITCH killed us for reading too slowly (events lost)
         self.disconnected_at: float | None = None   # wall clock of the last connection loss
         self.last_error = ""
-        self.connected_event = gevent.event.Event()
         self._running = False
         self._greenlet: gevent.Greenlet | None = None
+
+    @property
+    def malformed_events(self) -> int:
+        """Events skipped because they could not be parsed, over every connection so far."""
+        conn = self.connection
+        current = conn.bad_events if conn is not None and not conn.closed.is_set() else 0
+        return self.malformed_before + current
 
     @property
     def running(self) -> bool:
@@ -99,7 +106,6 @@ class EventListener:
             delay = self.min_delay
             log.info("connected to FreeSWITCH at %s:%s, subscribed to %d event names",
                      self.settings.host, self.settings.port, len(self.events))
-            self.connected_event.set()
             if self.on_connect is not None:
                 try:
                     self.on_connect(conn)
@@ -108,7 +114,7 @@ class EventListener:
                 except Exception:
                     log.exception("after connecting: reconciliation failed")
             conn.closed.wait()
-            self.connected_event.clear()
+            self.malformed_before += conn.bad_events
             self.disconnected_at = time.time()
             if "lost events" in conn.close_reason:
                 self.lost_listener += 1

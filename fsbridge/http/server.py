@@ -31,7 +31,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from email.utils import formatdate
 from typing import Any
 
@@ -468,6 +468,9 @@ class _Connection:
         return self.router.loggable_path(head.path.decode("utf-8", "replace"))
 
     def _log(self, head: wire.RequestHead | None, status: int, start: float) -> None:
+        observer = self.server.observer
+        if observer is not None:
+            observer(head.path.decode("utf-8", "replace") if head is not None else "", status, self.sent)
         # One line per request, path and status only: the query string carries clientId.
         if not log.isEnabledFor(logging.INFO):
             return
@@ -508,6 +511,8 @@ class HttpServer:
         max_requests: int = 1000,
     ) -> None:
         self.router = router
+        # Told of every answer: (path, status, bytes sent); for metrics. Runs in the connection's greenlet.
+        self.observer: Callable[[str, int, int], None] | None = None
         self.zero_copy = zero_copy
         self.timeout = timeout or None
         self.max_requests = max(1, max_requests)
