@@ -14,8 +14,9 @@ import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, NamedTuple
+from typing import NamedTuple
 
+from fsbridge.open_files import Lease, OpenFiles
 from fsbridge.record_links import CONTENT_TYPES, EXTENSIONS, valid_record_id
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ class FoundRecording(NamedTuple):
 class OpenRecording:
     """An opened recording; the caller owns `file` and must close it."""
 
-    file: IO[bytes]
+    file: Lease
     size: int
     mtime: float
     mtime_ns: int
@@ -117,6 +118,7 @@ class Recordings:
     """The recordings directory.
 
     prefer_mp3: find() returns the MP3 when both exist. The encoder settings are used by to_mp3().
+    keep_open_seconds: how long open() keeps a recording open after its last answer (see open_files.py).
     """
 
     def __init__(
@@ -128,6 +130,7 @@ class Recordings:
         bitrate_kbps: int = 32,
         convert_timeout: float = 120.0,
         keep_wav: bool = True,
+        keep_open_seconds: float = 1.0,
     ) -> None:
         if encoder not in ENCODERS:
             raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
@@ -138,6 +141,7 @@ class Recordings:
         self.bitrate_kbps = bitrate_kbps
         self.convert_timeout = convert_timeout
         self.keep_wav = keep_wav
+        self._open_files = OpenFiles(keep_open_seconds)
 
     def wav_path(self, record_id: str) -> Path:
         """Where FreeSWITCH writes the recording of the leg `record_id`."""
@@ -176,29 +180,25 @@ class Recordings:
         return None
 
     def open(self, record_id: str, ext: str | None = None) -> OpenRecording | None:
-        """Like find(), but opened: the caller serves exactly the file it stat'ed."""
+        """Like find(), but opened: the caller serves exactly the file it stat'ed, and closes `file`."""
         if not valid_record_id(record_id):
             return None
         for candidate in self._order(ext):
             # Plain strings, not pathlib: this runs for every request of the record proxy.
             path = f"{self._dir}/{record_id}.{candidate}"
             try:
-                # O_NOFOLLOW: a symlink planted in the recordings dir is not followed out of it.
-                # O_NONBLOCK: a FIFO under that name cannot hang the greenlet (it is refused below).
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+                opened = self._open_files.open(path)
             except OSError as exc:
                 if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
                     log.warning("cannot open recording %s.%s: %s", record_id, candidate, exc.strerror)
                 continue
-            try:
-                st = os.fstat(fd)
-                if not stat.S_ISREG(st.st_mode):
-                    os.close(fd)
-                    continue
-                file = os.fdopen(fd, "rb", buffering=0)
-            except BaseException:
-                os.close(fd)
-                raise
-            return OpenRecording(file, st.st_size, st.st_mtime, st.st_mtime_ns, CONTENT_TYPES[candidate],
+            if opened is None:
+                continue  # not a regular file
+            lease, st = opened
+            return OpenRecording(lease, st.st_size, st.st_mtime, st.st_mtime_ns, CONTENT_TYPES[candidate],
                                  candidate)
         return None
+
+    def close(self) -> None:
+        """Close the recordings kept open between requests."""
+        self._open_files.close()

@@ -196,6 +196,7 @@ class Bridge:
         pending = self.history.outbox.pending()
         self.history.outbox.close()
         self.http.stop(1.0)
+        self.recordings.close()
         log.info("stopped%s", f"; {pending} call(s) wait in the outbox for the next start" if pending else "")
 
     def _reconcile_periodically(self) -> None:

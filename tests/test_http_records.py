@@ -381,6 +381,65 @@ def test_accel_redirect_mode(tmp_path: Path, fixtures_dir: Path) -> None:
 # --- streaming and resources -------------------------------------------------------------------------
 
 
+def _assert_released(path: Path, within: float = 5.0) -> None:
+    """No descriptor on `path` is left once the answers are over (recordings stay open ~1 s for reuse)."""
+    deadline = time.monotonic() + within
+    while open_fds(path) and time.monotonic() < deadline:
+        gevent.sleep(0.02)
+    assert open_fds(path) == 0
+
+
+def _deleted_fds() -> list[str]:
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.endswith(" (deleted)"):
+            found.append(target)
+    return found
+
+
+def test_replaced_recording_is_served_afresh(env: Env) -> None:
+    path = env.rec_dir / f"{REC_ID}.wav"
+    with requests.Session() as s:
+        first = s.get(env.url())
+        assert first.content == env.data
+        # Replaced under the same name (a re-encode written beside it and renamed over it).
+        tmp = env.rec_dir / "new.part"
+        tmp.write_bytes(b"RIFF-new-content")
+        os.replace(tmp, path)
+        second = s.get(env.url())
+        assert second.content == b"RIFF-new-content"
+        assert second.headers["ETag"] != first.headers["ETag"]
+        # Changed in place: the new length is served, not the old one.
+        with open(path, "ab") as f:
+            f.write(b"+more")
+        third = s.get(env.url(), headers={"Range": "bytes=4-"})
+        assert third.status_code == 206 and third.content == b"-new-content+more"
+    gevent.sleep(0)
+    assert not [t for t in _deleted_fds() if REC_ID in t]  # the replaced file is not held open
+
+
+def test_deleted_recording_is_404_and_its_space_released(env: Env) -> None:
+    path = env.rec_dir / f"{REC_ID}.wav"
+    assert requests.get(env.url()).status_code == 200
+    path.unlink()  # a retention cleanup
+    assert requests.get(env.url()).status_code == 404
+    assert not [t for t in _deleted_fds() if REC_ID in t]
+
+
+def test_idle_recording_is_closed_even_without_further_requests(env: Env) -> None:
+    path = env.rec_dir / f"{REC_ID}.wav"
+    assert requests.get(env.url()).status_code == 200
+    path.unlink()  # deleted while idle: its disk space must come back without another request
+    deadline = time.monotonic() + 5
+    while [t for t in _deleted_fds() if REC_ID in t] and time.monotonic() < deadline:
+        gevent.sleep(0.05)
+    assert not [t for t in _deleted_fds() if REC_ID in t]
+
+
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -417,7 +476,7 @@ def test_50mb_file_streams_without_growing_memory(env: Env) -> None:
     assert seen == markers
     # Whole-file buffering would add 50 MB (twice that with a copy); chunks are 64 KiB.
     assert peak - baseline < 8 * 1024 * 1024, (peak - baseline) / 1e6
-    assert open_fds(path) == 0
+    _assert_released(path)
 
 
 @pytest.mark.slow
@@ -433,20 +492,14 @@ def test_client_disconnecting_mid_body_releases_the_file(env: Env) -> None:
         assert open_fds(path) == 1  # the transfer is in flight: the probe sees the open file
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST
         s.close()
-        deadline = time.monotonic() + 5
-        while open_fds(path) and time.monotonic() < deadline:
-            gevent.sleep(0.02)
-        assert open_fds(path) == 0
+        _assert_released(path)
     # ... and a polite close (FIN, unread data) too.
     s = socket.create_connection(env.server.address, timeout=5)
     s.sendall(f"GET {env.links.path(BIG_ID)} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     s.recv(65536)
     s.shutdown(socket.SHUT_RDWR)
     s.close()
-    deadline = time.monotonic() + 5
-    while open_fds(path) and time.monotonic() < deadline:
-        gevent.sleep(0.02)
-    assert open_fds(path) == 0
+    _assert_released(path)
     # The server is still fine.
     assert requests.get(env.url(), headers={"Range": "bytes=0-3"}).content == b"RIFF"
 
@@ -470,10 +523,7 @@ def test_no_answer_leaves_the_file_open(env: Env) -> None:
         s.get(env.url(), headers={"Range": "bytes=0-9"})
         s.get(env.url(), stream=True).close()  # body never read
         assert s.get(env.url(), headers={"Range": "bytes=-2"}).status_code == 206
-    deadline = time.monotonic() + 5
-    while open_fds(path) and time.monotonic() < deadline:
-        gevent.sleep(0.02)
-    assert open_fds(path) == 0
+    _assert_released(path)
 
 
 @pytest.mark.slow
@@ -491,10 +541,7 @@ def test_file_shrinking_mid_transfer_drops_the_connection(env: Env, caplog: pyte
         got += len(data)
     s.close()
     assert got < BIG_SIZE  # the client sees a short body and a closed connection, never a hang
-    deadline = time.monotonic() + 5
-    while open_fds(path) and time.monotonic() < deadline:
-        gevent.sleep(0.02)
-    assert open_fds(path) == 0
+    _assert_released(path)
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "EOFError" in errors[0] and "leak-me" not in errors[0]
     assert "Traceback" not in capfd.readouterr().err

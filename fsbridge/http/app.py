@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import IO, Any
+from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
 log = logging.getLogger("fsbridge.http")
@@ -39,6 +39,13 @@ class Headers(Mapping[str, str]):
     def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
         self._environ: Mapping[str, Any] | None = None
         self._items: dict[str, str] | None = {name.lower(): value for name, value in items}
+
+    @classmethod
+    def from_lowercase(cls, items: dict[str, str]) -> Headers:
+        """Headers whose names are lower-case already (the server's parser makes them so): not copied."""
+        headers = cls()
+        headers._items = items
+        return headers
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, Any]) -> Headers:
@@ -100,6 +107,14 @@ class Request:
     body: bytes = b""
 
 
+class OpenFile(Protocol):
+    """What FileBody reads from: a file object, or a lease on a shared descriptor (open_files.py)."""
+
+    def fileno(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
 class FileBody:
     """`length` bytes of an open binary file from `offset`, read lazily in chunks; owns (closes) the file.
 
@@ -109,7 +124,7 @@ class FileBody:
 
     __slots__ = ("chunk_size", "file", "length", "offset")
 
-    def __init__(self, file: IO[bytes], offset: int, length: int, chunk_size: int = 256 * 1024) -> None:
+    def __init__(self, file: OpenFile, offset: int, length: int, chunk_size: int = 256 * 1024) -> None:
         self.file = file
         self.offset = offset
         self.length = length

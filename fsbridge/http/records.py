@@ -17,7 +17,6 @@ nginx (zero-copy, Range and conditionals done by nginx). The matching nginx conf
 
 from __future__ import annotations
 
-import functools
 import re
 from email.utils import formatdate, parsedate_to_datetime
 from functools import lru_cache
@@ -78,8 +77,7 @@ def _weak_match(header: str, etag: str) -> bool:
     return any(tag == "*" or tag.removeprefix("W/") == etag for tag in _etag_list(header))
 
 
-@lru_cache(maxsize=256)
-@functools.lru_cache(maxsize=1024)
+@lru_cache(maxsize=1024)
 def _format_date(mtime: int) -> str:
     # Cached: a recording's date never changes, and formatting it is a measurable part of a request.
     return formatdate(mtime, usegmt=True)
@@ -157,17 +155,21 @@ class RecordsHandler:
         return response
 
     def _respond(self, request: Request, record_id: str, rec: OpenRecording) -> Response:
-        etag = f'"{rec.mtime_ns:x}-{rec.size:x}"'
-        last_modified = _format_date(int(rec.mtime))
-        headers = {
-            "Content-Type": rec.content_type,
-            "Accept-Ranges": "bytes",
-            "ETag": etag,
-            "Last-Modified": last_modified,
-            "Cache-Control": "private",
-            "Content-Disposition": f'inline; filename="{record_id}.{rec.ext}"',
-            "X-Content-Type-Options": "nosniff",
-        }
+        # The headers depend on the file alone: worked out once per open file (see open_files.py).
+        memo = rec.file.memo
+        headers: dict[str, str] | None = memo.get("headers")
+        if headers is None:
+            headers = memo["headers"] = {
+                "Content-Type": rec.content_type,
+                "Accept-Ranges": "bytes",
+                "ETag": f'"{rec.mtime_ns:x}-{rec.size:x}"',
+                "Last-Modified": _format_date(int(rec.mtime)),
+                "Cache-Control": "private",
+                "Content-Disposition": f'inline; filename="{record_id}.{rec.ext}"',
+                "X-Content-Type-Options": "nosniff",
+            }
+            memo["whole"] = {**headers, "Content-Length": str(rec.size)}
+        etag = headers["ETag"]
         hdrs = request.headers
 
         # RFC 9110 §13.2.2: If-None-Match, when present, decides alone; If-Modified-Since otherwise.
@@ -183,7 +185,7 @@ class RecordsHandler:
         size = rec.size
         if request.method == "HEAD":
             # Range is defined for GET only (RFC 9110 §14.2): HEAD describes the whole file.
-            return Response.empty(200, {**headers, "Content-Length": str(size)})
+            return Response.empty(200, memo["whole"])
 
         wanted = parse_range(hdrs["range"], size) if "range" in hdrs else None
         if_range = hdrs.get("if-range")
@@ -194,8 +196,7 @@ class RecordsHandler:
                 "Content-Range": f"bytes */{size}", "Accept-Ranges": "bytes", "Cache-Control": "private",
             })
         if wanted is None:
-            return Response(200, {**headers, "Content-Length": str(size)},
-                            FileBody(rec.file, 0, size, self.chunk_size))
+            return Response(200, dict(memo["whole"]), FileBody(rec.file, 0, size, self.chunk_size))
         first, last = wanted
         length = last - first + 1
         return Response(206, {**headers, "Content-Length": str(length),

@@ -249,7 +249,7 @@ class _Connection:
             response = Response.text(exc.status, str(exc))
         else:
             response = router.dispatch(
-                Request(head.method, path, query, Headers(head.headers.items()), self.remote, body))
+                Request(head.method, path, query, Headers.from_lowercase(head.headers), self.remote, body))
         try:
             status, keep_alive = self._write(head, response, keep_alive)
         except _Closed:
