@@ -10,7 +10,8 @@ sends call events (cards) and the call history to the strict fake retailCRM.
 What runs where. fsbridge is `python -m fsbridge run --config <tmp>/fsbridge.yaml`, a process of its own, so
 its CPU (utime + stime from /proc/<pid>/stat) and peak RSS (VmHWM from /proc/<pid>/status) are its own. The
 FreeSWITCH simulator (tests/fakes/freeswitch.py) and the fake retailCRM (tests/fakes/retailcrm.py) run in this
-process, on one gevent hub; its CPU and hub lag are printed too, since they bound what is measured.
+process, on one gevent hub; its CPU and hub lag are printed too, since they bound what is measured. With two
+CPUs or more, fsbridge is pinned to CPU 0 and this process to CPU 1.
 
 The load. The six captured calls in turn, each with fresh ids (`play_many`), `--rate` started per second for
 `--duration` seconds. Their recorded lengths average ~7.7 s, so 5 000 calls at once at 200 calls/s need calls
@@ -25,11 +26,13 @@ stalled it for up to 200 ms, which showed as fsbridge's latency); cards in fligh
 counted and left out of a second set of figures. The fake CRM's sockets get TCP_NODELAY like the real CRM's
 nginx front (`--fake-nagle` to leave Nagle on), as in bench_routing.
 
-Cards. 200 calls/s make 400 call events/s, ten times retailCRM's 40 requests/s: for these runs fsbridge's
-`crm.telephony_rate` is raised to 1000 and the fake's rate limits are off. Event -> CRM latency is taken per
-card (callExternalId + type): from the moment the simulator's socket write of the event that caused it
-returned (the first ringing of a manager leg for `in`, the creation of the customer leg for `out`, the last
-CHANNEL_HANGUP_COMPLETE for `hangup`) to the moment the fake CRM had read the request that delivered it.
+Cards. 200 calls/s make 400 call events/s, ten times retailCRM's 40 requests/s: for these runs the fake's rate
+limits are off and so is fsbridge's pacing (`crm.telephony_rate: 0`; `--telephony-rate 1000` paces at 1000/s
+instead, which spaces every request start 1.05 ms apart and so adds its own queueing to the latency).
+Event -> CRM latency is taken per card (callExternalId + type): from the moment the simulator's socket write
+of the event that caused it returned (the first ringing of a manager leg for `in`, the creation of the
+customer leg for `out`, the last CHANNEL_HANGUP_COMPLETE for `hangup`) to the moment the fake CRM had read the
+request that delivered it.
 The simulator has no public hook for "when was this event written", so TimedSimulator below overrides two
 private methods (`_emit`, `_Conn._notify`); it does not change what is sent.
 
@@ -81,7 +84,6 @@ CARDS_PER_CALL = 2  # every captured call makes an `in` or `out` and a `hangup` 
 EVENT_PATH = "/api/v5/telephony/call/event"
 UPLOAD_PATH = "/api/v5/telephony/calls/upload"
 RINGING = frozenset({"CHANNEL_PROGRESS", "CHANNEL_PROGRESS_MEDIA", "CHANNEL_ANSWER"})
-TELEPHONY_RATE = 1000.0  # fsbridge's ceiling for crm.telephony_rate
 
 # Goals (the issue).
 GOAL_P99_MS = 5.0
@@ -222,7 +224,9 @@ class CrmSide:
         cards = []
         keep = []
         now = time.time()
-        for r in self.unfinished + fresh:
+        for n, r in enumerate(self.unfinished + fresh):
+            if n % 50 == 49:
+                gevent.sleep(0)  # a second's cards at once would hold up the fake CRM's own reads
             if r.status == 0:
                 if now - r.received < 120:  # a reset connection never gets a status
                     keep.append(r)
@@ -264,7 +268,9 @@ class Scrape(dict):
         super().__init__()
         self.at = at
         self.took = 0.0  # seconds fsbridge took to answer the scrape
-        for line in text.splitlines():
+        for n, line in enumerate(text.splitlines()):
+            if n % 50 == 49:
+                gevent.sleep(0)  # this process is the fake CRM too: parsing in one go would delay its reads
             if not line or line[0] == "#":
                 continue
             m = _SAMPLE.match(line)
@@ -281,6 +287,14 @@ class Scrape(dict):
         return sorted(rows)
 
 
+def pinned(cpu: int) -> Any:
+    """Keep fsbridge and this process on CPUs of their own: woken by each other over loopback, the scheduler
+    would otherwise often put both on one CPU, and each would wait for the other's time slice."""
+    if (os.cpu_count() or 1) < 2 or not hasattr(os, "sched_setaffinity"):
+        return None
+    return lambda: os.sched_setaffinity(0, {cpu})
+
+
 class Fsbridge:
     def __init__(self, tmp: pathlib.Path, cfg: dict[str, Any]) -> None:
         self.cfg_path = tmp / "fsbridge.yaml"
@@ -289,7 +303,7 @@ class Fsbridge:
         self.metrics_url = f"http://{cfg['http']['listen']}/metrics"
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "fsbridge", "run", "--config", str(self.cfg_path)],
-                                     cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
+                                     cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=pinned(0))
         self.pid = self.proc.pid
 
     def cpu_seconds(self) -> float:
@@ -595,6 +609,8 @@ def main() -> int:
                         help="leave Nagle on in the fake CRM's server (its replies may wait for a delayed ACK)")
     parser.add_argument("--card-max-age", type=float, default=30.0, help="fsbridge's crm.card_max_age")
     parser.add_argument("--card-workers", type=int, default=4, help="fsbridge's crm.card_workers")
+    parser.add_argument("--telephony-rate", type=float, default=0.0,
+                        help="fsbridge's crm.telephony_rate (0: no pacing, the default here)")
     parser.add_argument("--log-level", default="info", help="fsbridge's log.level")
     parser.add_argument("--baseline-calls", type=int, default=30,
                         help="calls played one at a time at recorded speed before the load: the unloaded latency")
@@ -606,6 +622,9 @@ def main() -> int:
     parser.add_argument("--dump", metavar="CSV", help="write every card's cause time, latency and type to CSV")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (config, log, outbox)")
     args = parser.parse_args()
+    pin = pinned(1)
+    if pin is not None:
+        pin()  # fsbridge gets CPU 0 (Fsbridge below)
 
     names = [n for n in args.scenarios.split(",") if n]
     length = mean_length(names)
@@ -623,7 +642,7 @@ def main() -> int:
     sim.start()
     http_port = free_port()
     cfg = settings(fs_port=sim.port, crm_url=crm.fake.url, state_dir=str(tmp / "state"),
-                   crm={"telephony_rate": TELEPHONY_RATE, "card_max_age": args.card_max_age,
+                   crm={"telephony_rate": args.telephony_rate, "card_max_age": args.card_max_age,
                         "card_workers": args.card_workers},
                    http={"listen": f"127.0.0.1:{http_port}"}, log={"level": args.log_level})
     fsb = Fsbridge(tmp, cfg)
@@ -634,7 +653,8 @@ def main() -> int:
         sim.wait_for_subscriber(timeout=30)
         print(f"fsbridge pid {fsb.pid} (python -m fsbridge run), simulator and fake CRM in pid {os.getpid()}; "
               f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start")
-        print(f"crm.telephony_rate raised to {TELEPHONY_RATE:.0f}/s and the fake CRM's rate limits off "
+        pacing = f"{args.telephony_rate:g}/s" if args.telephony_rate else "0 (no pacing)"
+        print(f"crm.telephony_rate {pacing} and the fake CRM's rate limits off "
               f"(retailCRM allows 40/s: {args.rate * CARDS_PER_CALL:.0f} cards/s would not fit); "
               f"card_max_age {args.card_max_age:g} s, card_workers {args.card_workers}")
         gevent.spawn(run.hub_lag)
@@ -869,6 +889,8 @@ def main() -> int:
             f.write("written_at,latency_ms,type\n")
             for sent, lat, kind in run.latencies:
                 f.write(f"{sent - run.t0:.4f},{lat * 1e3:.3f},{kind}\n")
+            for s in run.samples:  # when /metrics was asked (latency: how long fsbridge took to answer)
+                f.write(f"{s.m.at - s.m.took - run.t0:.4f},{s.m.took * 1e3:.3f},scrape\n")
     levels = fsb.log_levels()
     print(f"fsbridge exit status {rc}; its log: {', '.join(f'{n} {k}' for k, n in levels.most_common())}"
           + (f" (kept in {tmp})" if args.keep else ""))

@@ -82,6 +82,15 @@ def _number(lo: float, hi: float, kind: type = float) -> Callable[[Any], Any]:
     return check
 
 
+def _rate(value: Any) -> float:
+    if value == 0 and not isinstance(value, bool):
+        return 0.0
+    try:
+        return float(_number(1, 1000)(value))
+    except ValueError:
+        raise ValueError("expected 0 (no pacing) or a number from 1 to 1000") from None
+
+
 def _host(value: Any) -> str:
     text = _nonempty(value)
     if not re.fullmatch(r"[A-Za-z0-9.:_-]{1,253}", text):
@@ -221,7 +230,9 @@ class CrmSettings:
                            env="FSBRIDGE_CRM_API_KEY", secret=True)
     timezone: str = setting(_REQUIRED, "The CRM account's time zone (history dates carry no zone)", _timezone)
     timeout: float = setting(10.0, "Seconds to wait for one CRM request", _number(0.5, 300))
-    telephony_rate: float = setting(40.0, "Requests per second allowed to /api/v5/telephony", _number(1, 1000))
+    telephony_rate: float = setting(
+        40.0, "Requests per second allowed to /api/v5/telephony; 0 sends without pacing (only for an endpoint "
+        "without retailCRM's limit, such as a test bed)", _rate)
     card_max_age: float = setting(
         30.0, "A call event (pop-up card) not delivered within this many seconds is dropped and counted",
         _number(1, 3600))

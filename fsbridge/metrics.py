@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import gevent
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -83,7 +84,19 @@ class Metrics:
         self.registry.register(_Levels(name, doc, read, counter))
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        # Rendering everything at once took ~4 ms with 5 000 calls in progress, during which no event was
+        # read and no card sent; other greenlets run between metric families instead.
+        return generate_latest(_Yielding(self.registry))  # type: ignore[arg-type]
+
+
+class _Yielding:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Any]:
+        for family in self.registry.collect():
+            yield family
+            gevent.sleep(0)
 
 
 class _Levels(Collector):

@@ -60,6 +60,9 @@ def test_environment_overrides_secrets() -> None:
     (lambda r: r["crm"].pop("url"), "crm.url: missing"),
     (lambda r: r["crm"].update(url="ftp://x"), "crm.url: expected an http(s) URL"),
     (lambda r: r["crm"].update(timezone="Moscow"), "crm.timezone: expected an IANA time zone"),
+    (lambda r: r["crm"].update(telephony_rate=0.5), "crm.telephony_rate: expected 0 (no pacing) or a number"),
+    (lambda r: r["crm"].update(telephony_rate=5000), "crm.telephony_rate: expected 0 (no pacing) or a number"),
+    (lambda r: r["crm"].update(telephony_rate=False), "crm.telephony_rate: expected 0 (no pacing) or a number"),
     (lambda r: r["crm"].update(apikey="x"), "crm.apikey: unknown setting (did you mean crm.api_key?)"),
     (lambda r: r.update(freeswitch={"port": 70000}), "freeswitch.port: expected an integer from 1 to 65535"),
     (lambda r: r.update(freeswitch={"port": "8021"}), "freeswitch.port: expected an integer"),
@@ -79,6 +82,12 @@ def test_bad_settings_name_the_key(mutate, message: str) -> None:
         config.from_mapping(raw, env={})
     assert str(err.value).startswith(message), str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_telephony_rate_zero_turns_pacing_off() -> None:
+    raw = minimal()
+    raw["crm"]["telephony_rate"] = 0
+    assert config.from_mapping(raw, env={}).crm.telephony_rate == 0.0
 
 
 def test_secret_values_are_not_echoed() -> None:

@@ -315,6 +315,16 @@ def test_rate_limit_prevents_503(fake: FakeRetailCRM, crm: RetailCRM) -> None:
     assert 32.0 < rate <= 40.0, rate
 
 
+def test_telephony_rate_zero_sends_without_pacing(fake: FakeRetailCRM) -> None:
+    fake.telephony_rate_limit = None  # a test bed without retailCRM's limit
+    crm = RetailCRM(fake.url, KEY, telephony_rate=0)
+    start = time.monotonic()
+    gevent.joinall([gevent.spawn(crm.send_call_event, event(callExternalId=str(n))) for n in range(80)],
+                   raise_error=True)
+    # Paced at 40/s these would take 2 s; unpaced they take what 80 loopback requests take.
+    assert time.monotonic() - start < 1.0 and len(fake.events) == 80
+
+
 def test_general_rate_class(fake: FakeRetailCRM, crm: RetailCRM) -> None:
     start = time.monotonic()
     gevent.joinall([gevent.spawn(crm.credentials) for _ in range(12)], raise_error=True)

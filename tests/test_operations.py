@@ -178,3 +178,26 @@ def test_metrics_count_http_answers_by_route_and_malformed_events(running, simul
     assert metric(text, "fsbridge_esl_events_malformed_total") == 1
     assert "forged-signature" not in text and "x" * 40 not in text, "paths never become labels"
     assert bridge.listener.connected, "a malformed event is skipped, not a reason to reconnect"
+
+
+def test_a_scrape_does_not_hold_up_the_other_greenlets(running) -> None:
+    import gevent
+    from prometheus_client import generate_latest
+
+    bridge, _ = running
+    ran_during: list[bool] = []
+    rendering = [False]
+    render = bridge.metrics.render
+
+    def other() -> None:  # e.g. a card sender woken while /metrics is being written
+        ran_during.append(rendering[0])
+
+    rendering[0] = True
+    gevent.spawn(other)
+    text = render()
+    rendering[0] = False
+    assert ran_during == [True]  # it ran before the rendering was over, not after
+    # ... and the text is what prometheus_client renders itself (gauges read at scrape time aside).
+    ours = [line for line in text.decode().splitlines() if line.startswith("#")]
+    theirs = [line for line in generate_latest(bridge.metrics.registry).decode().splitlines() if line.startswith("#")]
+    assert ours == theirs and len(ours) > 20

@@ -1,31 +1,35 @@
 """retailCRM API v5 client for the telephony methods fsbridge uses.
 
-Built on one requests.Session shared by every greenlet (the process is gevent
-monkey-patched, so blocking socket calls yield). The contract is
+One instance is shared by every greenlet (the process is gevent monkey-patched, so
+blocking socket calls yield); the bytes travel through a transport (transport.py). The contract is
 docs/retailcrm-api-v5-telephony.md.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
-import os
 import random
-import socket
-import ssl
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import gevent
-import requests
-from requests.adapters import HTTPAdapter
 
 from fsbridge import __version__
 from fsbridge.crm.errors import CRMAuthError, CRMError, CRMRejected, CRMUnavailable
 from fsbridge.crm.ratelimit import RateLimiter
+from fsbridge.crm.transport import (
+    ConnectionFailed,
+    ConnectTimeout,
+    ReadTimeout,
+    Reply,
+    RequestsTransport,
+    Transport,
+    TransportError,
+    proxy_in_environment,
+)
 
 log = logging.getLogger("fsbridge.crm")
 
@@ -40,8 +44,8 @@ BACKOFF_CAP = 5.0
 # the network and our own scheduler add to one request but not the next. Pacing at 95 %
 # of the limit leaves ~50 ms per second for that jitter.
 PACING = 0.95
-# Every greenlet holding a request in flight needs its own connection; requests' default
-# of 10 would make the rest open and throw away connections.
+# Every greenlet holding a request in flight needs its own connection; fewer kept idle
+# would make the rest open and throw away connections.
 POOL_MAXSIZE = 64
 # Statuses that mean "overloaded or in the way", not "your request is wrong".
 _RETRYABLE_4XX = frozenset({408, 425, 429})
@@ -60,7 +64,7 @@ def encode_form(form: Mapping[str, Any]) -> dict[str, str]:
             continue
         if isinstance(value, dict | list | tuple):
             # ensure_ascii=False keeps Cyrillic names readable in the CRM's own logs;
-            # requests then percent-encodes the UTF-8 bytes.
+            # the form encoding then percent-encodes the UTF-8 bytes.
             encoded[name] = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
         elif isinstance(value, bool):
             encoded[name] = "1" if value else "0"
@@ -102,48 +106,13 @@ def _summarise_errors(errors: dict[str, Any] | list[Any] | None) -> str:
     return " (" + "; ".join(parts) + ")"
 
 
-def _describe_body(response: requests.Response) -> str:
-    body = response.content.lstrip()
+def _describe_body(reply: Reply) -> str:
+    body = reply.content.lstrip()
     if not body:
         return "an empty body"
-    if "html" in response.headers.get("Content-Type", "").lower() or body[:1] == b"<":
+    if "html" in reply.headers.get("content-type", "").lower() or body[:1] == b"<":
         return "an HTML page"
     return "a non-JSON body"
-
-
-def _root_cause(exc: BaseException) -> BaseException:
-    """The innermost exception: requests wraps urllib3 wraps the socket error."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    deepest = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        deepest = current
-        nested = getattr(current, "reason", None)
-        if not isinstance(nested, BaseException):
-            nested = next((a for a in current.args if isinstance(a, BaseException)), None)
-        current = nested or current.__cause__ or current.__context__
-    return deepest
-
-
-def _describe_connection_error(exc: BaseException) -> str:
-    root = _root_cause(exc)
-    if isinstance(root, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(root, ConnectionResetError):
-        return "connection reset"
-    if isinstance(root, http.client.RemoteDisconnected):
-        return "connection closed without a reply"
-    if isinstance(root, socket.gaierror):
-        return "host name not resolved"
-    if isinstance(root, ssl.SSLError):
-        return f"TLS error ({_one_line(getattr(root, 'reason', None) or type(root).__name__)})"
-    # Our own words above; anything else is named by type only, since urllib3's messages
-    # embed the full URL with its query string.
-    return type(root).__name__
-
-
-_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 
 
 class RetailCRM:
@@ -158,7 +127,7 @@ class RetailCRM:
         timeout: float = 10.0,
         telephony_rate: float = 40.0,
         general_rate: float = 10.0,
-        session: requests.Session | None = None,
+        transport: Transport | RequestsTransport | None = None,
         observer: Callable[[str, str, int | None, float], None] | None = None,
     ) -> None:
         parts = urllib.parse.urlsplit(url.strip())
@@ -173,40 +142,35 @@ class RetailCRM:
                 path = path[: -len(suffix)]
                 break
         self.url = f"{parts.scheme}://{parts.netloc}{path}"
+        self._path_prefix = path
         self._host = parts.netloc
         self._api_key = api_key
         self.connect_timeout = connect_timeout
         self.timeout = timeout
-        self._limiters = {
-            "telephony": RateLimiter(telephony_rate * PACING),
-            "general": RateLimiter(general_rate * PACING),
+        self._limiters: dict[str, RateLimiter | None] = {
+            # 0: no pacing (a test bed without retailCRM's limit).
+            "telephony": RateLimiter(telephony_rate * PACING) if telephony_rate else None,
+            "general": RateLimiter(general_rate * PACING) if general_rate else None,
         }
         # Told of every attempt: (method, path, HTTP status or None when no reply, seconds); for metrics.
         self.observer = observer
-        self._own_session = session is None
-        if session is None:
-            session = requests.Session()
-            # Reading proxy and netrc settings from the environment on every request cost a fifth of
-            # fsbridge's CPU at 200 calls/s (bench_load); only do it when a proxy is actually set.
-            session.trust_env = any(os.environ.get(v) for v in _PROXY_VARIABLES)
-            adapter = HTTPAdapter(pool_connections=2, pool_maxsize=POOL_MAXSIZE)
-            session.mount("http://", adapter)
-            session.mount("https://", adapter)
-        self._session = session
-        # Sent per request rather than stored on the session so a caller-supplied session
-        # gets them too.
+        if transport is None:
+            # requests knows how to go through a proxy; without one, the lean transport.
+            transport = (RequestsTransport(self.url, pool_size=POOL_MAXSIZE) if proxy_in_environment()
+                         else Transport(self.url, pool_size=POOL_MAXSIZE))
+        self._transport = transport
         self._headers = {
             "X-API-KEY": api_key,
             "User-Agent": f"fsbridge/{__version__}",
             "Accept": "application/json",
         }
+        self._form_headers = {**self._headers, "Content-Type": "application/x-www-form-urlencoded"}
 
     def __repr__(self) -> str:
         return f"RetailCRM({self.url!r})"  # never the key
 
     def close(self) -> None:
-        if self._own_session:
-            self._session.close()
+        self._transport.close()
 
     def __enter__(self) -> RetailCRM:
         return self
@@ -344,12 +308,12 @@ class RetailCRM:
         self,
         method: str,
         path: str,
-        limiter: RateLimiter,
+        limiter: RateLimiter | None,
         query: dict[str, str] | None,
         body: dict[str, str] | None,
         deadline: float | None,
     ) -> tuple[int, dict[str, Any]]:
-        if not limiter.acquire(deadline):
+        if limiter is not None and not limiter.acquire(deadline):
             raise CRMUnavailable(None, "no request slot under the client rate limit before the deadline")
         connect_timeout, read_timeout = self.connect_timeout, self.timeout
         remaining: float | None = None
@@ -359,57 +323,49 @@ class RetailCRM:
                 raise CRMUnavailable(None, "deadline passed before the request was sent")
             connect_timeout = min(connect_timeout, remaining)
             read_timeout = min(read_timeout, remaining)
+        target = self._path_prefix + path
+        if query:
+            target += "?" + urllib.parse.urlencode(query)
+        data = urllib.parse.urlencode(body).encode("ascii") if body is not None else None
         started = time.monotonic()
         status: int | None = None
         try:
-            # requests' read timeout is per socket read, so a trickling reply could outlive
-            # the deadline; the gevent timeout caps the attempt as a whole.
+            # The socket timeouts are per read, so a trickling reply could outlive the deadline;
+            # the gevent timeout caps the attempt as a whole.
             with gevent.Timeout(remaining, _DeadlineHit):
-                response = self._session.request(
-                    method,
-                    self.url + path,
-                    params=query,
-                    data=body,
-                    headers=self._headers,
-                    timeout=(connect_timeout, read_timeout),
-                    # A redirect would carry X-API-KEY to wherever it points.
-                    allow_redirects=False,
-                )
-            status = response.status_code
+                reply = self._transport.request(method, target, self._form_headers if data is not None
+                                                else self._headers, data, connect_timeout, read_timeout)
+            status = reply.status
         except _DeadlineHit:
             raise CRMUnavailable(None, "retailCRM did not answer before the deadline") from None
-        except requests.ConnectTimeout:
+        except ConnectTimeout:
             raise CRMUnavailable(
                 None, f"cannot connect to retailCRM at {self._host} within {connect_timeout:.1f} s"
             ) from None
-        except requests.Timeout:
+        except ReadTimeout:
             raise CRMUnavailable(None, f"retailCRM did not answer within {read_timeout:.1f} s") from None
-        except requests.ConnectionError as exc:
-            raise CRMUnavailable(
-                None, f"connection to retailCRM at {self._host} failed: {_describe_connection_error(exc)}"
-            ) from None
-        except requests.RequestException as exc:
-            raise CRMUnavailable(
-                None, f"request to retailCRM failed: {_describe_connection_error(exc)}"
-            ) from None
+        except ConnectionFailed as exc:
+            raise CRMUnavailable(None, f"connection to retailCRM at {self._host} failed: {exc}") from None
+        except TransportError as exc:
+            raise CRMUnavailable(None, f"request to retailCRM failed: {exc}") from None
         finally:
             if self.observer is not None:
                 self.observer(method, path, status, time.monotonic() - started)
-        return self._interpret(response)
+        return self._interpret(reply)
 
-    def _interpret(self, response: requests.Response) -> tuple[int, dict[str, Any]]:
-        status = response.status_code
+    def _interpret(self, reply: Reply) -> tuple[int, dict[str, Any]]:
+        status = reply.status
         if 300 <= status < 400:
-            target = urllib.parse.urlsplit(response.headers.get("Location", ""))
+            target = urllib.parse.urlsplit(reply.headers.get("location", ""))
             where = f"{target.scheme}://{target.netloc}" if target.netloc else "another path"
             raise CRMRejected(status, f"retailCRM answered HTTP {status} redirecting to {where}: fix the URL")
 
         try:
-            data = json.loads(response.content) if response.content.strip() else None
+            data = json.loads(reply.content) if reply.content.strip() else None
         except ValueError:
             data = None
         if not isinstance(data, dict):
-            message = f"retailCRM answered HTTP {status} with {_describe_body(response)} (not the API)"
+            message = f"retailCRM answered HTTP {status} with {_describe_body(reply)} (not the API)"
             if 400 <= status < 500 and status not in _RETRYABLE_4XX:
                 # 404/405 pages come from a wrong URL or a deleted account: no retry fixes that.
                 raise CRMRejected(status, message)

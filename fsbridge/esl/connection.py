@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Callable
 
@@ -23,6 +24,9 @@ import gevent.socket
 from greenswitch.esl import InboundESL, NotConnectedError
 
 from fsbridge.esl.protocol import Event, Frame, FrameReader, ProtocolError, command_line, parse_event
+
+# How long the reader handles events before it lets the other greenlets run.
+_YIELD_AFTER = 0.0005
 
 log = logging.getLogger("fsbridge.esl")
 
@@ -144,8 +148,18 @@ class EslConnection(InboundESL):
                     if framer.buffered:
                         reason = f"connection cut in the middle of a frame ({framer.buffered} bytes unread)"
                     break
+                yielded = time.monotonic()
                 for frame in framer.feed(data):
                     self._dispatch(frame)
+                    # One read can hold hundreds of events. Handling them all before anything else runs
+                    # would hold back the cards of the first ones by the time the last ones take: let
+                    # the card senders go out in between.
+                    now = time.monotonic()
+                    if now - yielded >= _YIELD_AFTER:
+                        gevent.sleep(0)
+                        if not self._run:
+                            break  # stopped meanwhile: the rest is not taken, as if it came later
+                        yielded = time.monotonic()
         except ProtocolError as exc:
             reason = f"protocol error: {exc}"
         except Exception as exc:  # the reader must never die silently with `connected` still True

@@ -298,9 +298,8 @@ class Uploader:
 
     def _deliver(self, entries: Sequence[Entry]) -> None:
         items: list[_Item] = []
-        for index, entry in enumerate(entries, 1):
-            if index % 10 == 0:
-                gevent.sleep(0)
+        for entry in entries:
+            gevent.sleep(0)  # building is background work: cards and events go first
             try:
                 items.append(_Item(entry, self.builder.build(entry.call)))
             except Exception as exc:  # a bug or a bad stored call must not block the others
