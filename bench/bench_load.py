@@ -608,7 +608,7 @@ def main() -> int:
     parser.add_argument("--fake-nagle", action="store_true",
                         help="leave Nagle on in the fake CRM's server (its replies may wait for a delayed ACK)")
     parser.add_argument("--card-max-age", type=float, default=30.0, help="fsbridge's crm.card_max_age")
-    parser.add_argument("--card-workers", type=int, default=4, help="fsbridge's crm.card_workers")
+    parser.add_argument("--card-workers", type=int, default=8, help="fsbridge's crm.card_workers")
     parser.add_argument("--telephony-rate", type=float, default=0.0,
                         help="fsbridge's crm.telephony_rate (0: no pacing, the default here)")
     parser.add_argument("--log-level", default="info", help="fsbridge's log.level")

@@ -4,16 +4,24 @@ A card is only useful while the phone rings, so each one carries a deadline: wha
 cannot be delivered within `max_age` is dropped and counted, never shown minutes late.
 Events of one call always go through the same worker, so a `hangup` never overtakes
 its `in`.
+
+When the CRM falls behind (the oldest waiting card has waited `BACKLOG_AFTER` seconds), a
+worker takes the newest card first: the calls ringing now matter, and in first-come order
+every card would reach the CRM at the end of its life. An older card of a call whose newer
+card went first is dropped as stale (a `hangup` sent, the `in` of that call is no use).
+When a worker's queue is full, its oldest card makes room.
 """
 
 from __future__ import annotations
 
+import collections
+import itertools
 import logging
 import time
 import zlib
 
 import gevent
-import gevent.queue
+import gevent.event
 
 from fsbridge.calls.model import CallEvent
 from fsbridge.crm.client import RetailCRM
@@ -21,19 +29,60 @@ from fsbridge.crm.errors import CRMError, CRMRejected, CRMUnavailable
 
 log = logging.getLogger("fsbridge.cards")
 
+# Seconds the oldest card of a worker may wait before the worker turns to the newest ones.
+BACKLOG_AFTER = 2.0
+
+
+class _Lane:
+    """One worker's waiting cards: first come first served, newest first once backlogged."""
+
+    __slots__ = ("items", "maxsize", "ready")
+
+    def __init__(self, maxsize: int) -> None:
+        self.items: collections.deque[tuple[int, CallEvent]] = collections.deque()
+        self.maxsize = maxsize
+        self.ready = gevent.event.Event()
+
+    def qsize(self) -> int:
+        return len(self.items)
+
+    def put(self, seq: int, event: CallEvent) -> CallEvent | None:
+        """Queue `event`; the oldest card it pushed out when the lane was full, else None."""
+        pushed_out = self.items.popleft()[1] if len(self.items) >= self.maxsize else None
+        self.items.append((seq, event))
+        self.ready.set()
+        return pushed_out
+
+    def get(self) -> tuple[int, CallEvent]:
+        items = self.items
+        while not items:
+            self.ready.clear()
+            self.ready.wait()
+        if time.monotonic() - items[0][1].created >= BACKLOG_AFTER:
+            return items.pop()
+        return items.popleft()
+
 
 class CardSender:
     def __init__(self, crm: RetailCRM, *, max_age: float = 30.0, workers: int = 4,
                  queue_size: int = 10000) -> None:
         self.crm = crm
         self.max_age = max_age
-        self.queues = [gevent.queue.Queue(maxsize=queue_size) for _ in range(workers)]
+        self.queues = [_Lane(queue_size) for _ in range(workers)]
+        self._seq = itertools.count()
+        # The newest card taken per call (sequence number, when): an older one taken later is superseded.
+        # Kept max_age: by then every older card of that call is past its age limit anyway.
+        self._taken: collections.OrderedDict[str, tuple[int, float]] = collections.OrderedDict()
         self.sent = 0
         self.dropped_stale = 0
         self.dropped_full = 0
         self.rejected = 0
         self.not_exist_codes: set[str] = set()
         self._last_stale_log = -1e9
+        # How long a delivery usually takes (moving average): a card with less time left than twice that
+        # would most likely reach the manager after its limit, and would spend a request of the CRM's
+        # rate limit on it. 0 until measured.
+        self._typical = 0.0
         self._greenlets: list[gevent.Greenlet] = []
 
     @property
@@ -47,13 +96,11 @@ class CardSender:
     def submit(self, event: CallEvent) -> None:
         """Never blocks: the caller is the ESL reader."""
         queue = self.queues[zlib.crc32(event.call_id.encode()) % len(self.queues)]
-        try:
-            queue.put_nowait(event)
-        except gevent.queue.Full:
+        if queue.put(next(self._seq), event) is not None:
             self.dropped_full += 1
             if self.dropped_full == 1 or self.dropped_full % 1000 == 0:
-                log.error("call-event queue full (%d waiting): dropped %d card(s) so far; the CRM is not "
-                          "keeping up", queue.qsize(), self.dropped_full)
+                log.error("call-event queue full (%d waiting): dropped the oldest, %d card(s) so far; the CRM "
+                          "is not keeping up", queue.qsize(), self.dropped_full)
 
     def start(self) -> None:
         self._greenlets = [gevent.spawn(self._work, q) for q in self.queues]
@@ -64,15 +111,29 @@ class CardSender:
             gevent.sleep(0.05)
         gevent.killall(self._greenlets, timeout=1.0)
 
-    def _work(self, queue: gevent.queue.Queue) -> None:
+    def _work(self, queue: _Lane) -> None:
+        taken = self._taken
         while True:
-            event = queue.get()
+            seq, event = queue.get()
+            newest = taken.get(event.call_id)
+            if newest is not None and newest[0] > seq:
+                self._stale(event, "a newer event of the same call went first")
+                continue
+            now = time.monotonic()
+            taken[event.call_id] = (seq, now)
+            taken.move_to_end(event.call_id)
+            while next(iter(taken.values()))[1] < now - self.max_age:
+                taken.popitem(last=False)
             self.deliver(event)
 
     def deliver(self, event: CallEvent) -> None:
         deadline = event.created + self.max_age
-        if time.monotonic() >= deadline:
+        started = time.monotonic()
+        if started >= deadline:
             self._stale(event, "it waited too long in the queue")
+            return
+        if deadline - started < 2 * self._typical:
+            self._stale(event, "too little time left for a request")
             return
         try:
             reply = self.crm.send_call_event(event.to_crm(), deadline=deadline)
@@ -88,6 +149,8 @@ class CardSender:
             log.error("call event %s of call %s failed: %s", event.type, event.call_id, exc)
             return
         self.sent += 1
+        took = time.monotonic() - started
+        self._typical = took if not self._typical else self._typical + 0.1 * (took - self._typical)
         missing = set(reply.get("notExistCodes") or []) - self.not_exist_codes
         if missing:
             # Said once per code: a manager extension the CRM does not know never shows a card.

@@ -287,21 +287,23 @@ class RetailCRM:
                 return self._attempt(method, path, limiter, query, body, deadline)
             except CRMUnavailable as exc:
                 if attempts is not None and tried >= attempts:
-                    log.error("retailCRM %s %s failed after %d attempt(s): %s", method, path, tried, exc)
+                    # Debug only: callers report failures their own way (aggregated: during an outage
+                    # every card fails, and a line each would flood the log).
+                    log.debug("retailCRM %s %s failed after %d attempt(s): %s", method, path, tried, exc)
                     raise
                 ceiling = min(BACKOFF_CAP, base * 2 ** (tried - 1))
                 # Jitter spreads greenlets that failed together so they do not retry together.
                 delay = ceiling / 2 + random.uniform(0, ceiling / 2)
                 if deadline is not None and time.monotonic() + delay >= deadline:
-                    log.error(
+                    log.debug(
                         "retailCRM %s %s failed, deadline reached after %d attempt(s): %s",
                         method, path, tried, exc,
                     )
                     raise
-                log.warning("retailCRM %s %s: %s; retry %d in %.3f s", method, path, exc, tried, delay)
+                log.debug("retailCRM %s %s: %s; retry %d in %.3f s", method, path, exc, tried, delay)
                 gevent.sleep(delay)
             except CRMRejected as exc:
-                log.warning("retailCRM %s %s rejected: %s", method, path, exc)
+                log.debug("retailCRM %s %s rejected: %s", method, path, exc)
                 raise
 
     def _attempt(

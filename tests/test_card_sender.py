@@ -1,0 +1,87 @@
+"""Card delivery when the CRM falls behind: fresh cards first, no card of a call after a newer one."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import gevent
+import pytest
+
+from fsbridge.calls.model import CallEvent
+from fsbridge.crm import card_sender
+from fsbridge.crm.card_sender import CardSender
+from fsbridge.crm.client import RetailCRM
+from tests.conftest import API_KEY
+from tests.waiting import until
+
+
+def card(kind: str, call: str) -> CallEvent:
+    return CallEvent(kind, "79001234567", ("100",), call, hangup_status="answered" if kind == "hangup" else None)
+
+
+def delivered(fake) -> list[tuple[str, str]]:
+    return [(e["type"], e["callExternalId"]) for e in (json.loads(r.form["event"]) for r in fake.requests
+                                                        if r.status == 200)]
+
+
+def test_first_come_first_served_while_the_crm_keeps_up(fake_crm) -> None:
+    sender = CardSender(RetailCRM(fake_crm.url, API_KEY, telephony_rate=0), workers=1)
+    sender.start()
+    try:
+        for call in "abc":
+            sender.submit(card("in", call))
+        sender.submit(card("hangup", "a"))
+        until(lambda: sender.sent == 4, what="all four cards")
+        assert delivered(fake_crm) == [("in", "a"), ("in", "b"), ("in", "c"), ("hangup", "a")]
+    finally:
+        sender.stop()
+
+
+def test_backlogged_crm_gets_the_newest_cards_first(fake_crm, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(card_sender, "BACKLOG_AFTER", 0.2)
+    fake_crm.latency = 0.3
+    sender = CardSender(RetailCRM(fake_crm.url, API_KEY, telephony_rate=0), workers=1)
+    sender.start()
+    try:
+        sender.submit(card("in", "a"))  # taken at once: 0.3 s in the CRM
+        gevent.sleep(0.05)
+        for event in (card("in", "b"), card("in", "c"), card("hangup", "b")):
+            sender.submit(event)
+        until(lambda: sender.sent + sender.dropped_stale == 4, timeout=5, what="every card settled")
+        # b's in and c's in waited 0.25 s+ behind a: the newest went first, and b's in, older than b's
+        # hangup that was already sent, was dropped rather than opening a card for a call that is over.
+        assert delivered(fake_crm) == [("in", "a"), ("hangup", "b"), ("in", "c")]
+        assert (sender.sent, sender.dropped_stale) == (3, 1)
+    finally:
+        fake_crm.latency = 0.0
+        sender.stop()
+
+
+def test_full_queue_makes_room_with_its_oldest_card(fake_crm) -> None:
+    sender = CardSender(RetailCRM(fake_crm.url, API_KEY), workers=1, queue_size=10)  # not started
+    for n in range(12):
+        sender.submit(card("in", f"call-{n}"))
+    assert sender.dropped_full == 2 and sender.pending == 10
+    sender.start()
+    try:
+        until(lambda: sender.sent == 10, what="the ten newest")
+        assert [call for _, call in delivered(fake_crm)] == [f"call-{n}" for n in range(2, 12)]
+    finally:
+        sender.stop()
+
+
+def test_memory_of_taken_calls_is_bounded_by_the_age_limit(fake_crm) -> None:
+    fake_crm.telephony_rate_limit = None
+    sender = CardSender(RetailCRM(fake_crm.url, API_KEY, telephony_rate=0), workers=2, max_age=0.3)
+    sender.start()
+    try:
+        for n in range(50):
+            sender.submit(card("in", f"old-{n}"))
+        until(lambda: sender.sent == 50, what="the first fifty")
+        time.sleep(0.35)
+        sender.submit(card("in", "new"))
+        until(lambda: sender.sent == 51, what="one more")
+        assert list(sender._taken) == ["new"]
+    finally:
+        sender.stop()
