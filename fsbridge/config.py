@@ -29,7 +29,8 @@ class ConfigError(ValueError):
 
 
 _REQUIRED: Any = object()
-_DIGITS = re.compile(r"^[0-9]{1,20}$")
+# A manager extension: the one rule for the config, /retailcrm/status, click-to-call and the Lua script.
+EXTENSION_RE = re.compile(r"[0-9]{1,16}")
 _SITE_CODE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -141,8 +142,8 @@ def _managers(value: Any) -> dict[str, int]:
     out: dict[str, int] = {}
     for ext, user in value.items():
         ext_s = str(ext)
-        if not _DIGITS.fullmatch(ext_s):
-            raise ValueError(f"expected digit-only extensions, got {ext_s!r}")
+        if not EXTENSION_RE.fullmatch(ext_s):
+            raise ValueError(f"expected digit-only extensions of 1 to 16 digits, got {ext_s!r}")
         if isinstance(user, bool) or not isinstance(user, int) or user <= 0:
             raise ValueError(f"expected a positive integer user id for extension {ext_s}, got {user!r}")
         out[ext_s] = user
@@ -307,7 +308,7 @@ class HistorySettings:
     fsync: bool = setting(False, "fsync every outbox write: survives a power cut, not only a crash (slower)", _bool)
     unassigned_code: str = setting(
         "", "Extension credited with calls that reached no manager (the CRM needs one); empty: such calls are "
-        "quarantined", _optional(_DIGITS, "a manager extension (digits)"))
+        "quarantined", _optional(EXTENSION_RE, "a manager extension (digits)"))
 
 
 @dataclass(frozen=True)

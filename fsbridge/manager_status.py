@@ -21,11 +21,13 @@ from typing import Any
 import gevent
 from gevent.lock import RLock
 
+from fsbridge.config import EXTENSION_RE
+
 log = logging.getLogger(__name__)
 
 STATUSES = frozenset({"free", "busy", "dinner", "break"})
 DEFAULT_STATUS = "free"  # what the CRM assumes of a manager it never told us about
-CODE_RE = re.compile(r"[0-9]{1,16}")
+CODE_RE = EXTENSION_RE
 USER_ID_RE = re.compile(r"[0-9]{1,20}")
 
 

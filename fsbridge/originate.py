@@ -12,21 +12,22 @@ import logging
 import re
 import time
 import uuid as uuidlib
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import gevent
 import gevent.event
 
 from fsbridge.calls.tracker import CallTracker, ExpectedCall
-from fsbridge.config import DIAL_TEMPLATE_RE, normalize_number
+from fsbridge.config import DIAL_TEMPLATE_RE, EXTENSION_RE
 from fsbridge.esl.connection import EslError
 from fsbridge.esl.listener import EventListener
 from fsbridge.esl.protocol import Event
+from fsbridge.record_links import UUID_RE
+from fsbridge.routing import normalize_phone
 
 log = logging.getLogger("fsbridge.originate")
 
-PHONE_RE = re.compile(r"^\+?[0-9]{5,16}$")
-CODE_RE = re.compile(r"^[0-9]{1,20}$")
 GATEWAY_RE = re.compile(r"^[A-Za-z0-9_.-]{0,64}$")
 _RINGING = {"CHANNEL_PROGRESS", "CHANNEL_PROGRESS_MEDIA", "CHANNEL_ANSWER"}
 
@@ -81,28 +82,26 @@ class Click:
 
 
 def validate_click(code: str | None, phone: str | None, external_phone: str | None,
-                   managers: frozenset[str], external_phones: dict[str, str]) -> Click:
-    if not code or not CODE_RE.fullmatch(code) or code not in managers:
+                   managers: Collection[str], external_phones: dict[str, str]) -> Click:
+    if not code or not EXTENSION_RE.fullmatch(code) or code not in managers:
         raise ClickRejected("code: not a configured manager extension")
-    if not phone or len(phone) > 64:
-        raise ClickRejected("phone: missing or too long")
-    # '+7 (912) 123-45-67' is what a manager clicks; only the digits and a leading '+' survive.
-    if any(c not in "+0123456789 ()-.\t" for c in phone):
-        raise ClickRejected("phone: only digits, spaces, brackets, dashes and a leading '+' are accepted")
-    number = normalize_number(phone)
-    if not PHONE_RE.fullmatch(number) or "+" in number[1:]:
-        raise ClickRejected("phone: expected 5 to 16 digits with an optional leading '+'")
+    # '+7 (912) 123-45-67' is what a manager clicks: separators go, anything else is refused.
+    number = normalize_phone(phone)
+    if number is None:
+        raise ClickRejected("phone: expected 5 to 16 digits with an optional leading '+' "
+                            "(spaces, brackets, dots and dashes allowed)")
     ext: str | None = None
     if external_phone:
-        ext = normalize_number(external_phone).lstrip("+")
-        if ext not in external_phones or any(c not in "+0123456789 ()-.\t" for c in external_phone):
+        normalized = normalize_phone(external_phone)
+        ext = normalized.lstrip("+") if normalized else None
+        if ext is None or ext not in external_phones:
             raise ClickRejected("externalPhone: not one of the configured external numbers")
     return Click(code=code, phone=number, external_phone=ext)
 
 
 def originate_command(click: Click, plan: DialPlan, call_uuid: str) -> str:
     """`originate` arguments; every interpolated value has passed an allow-list."""
-    assert re.fullmatch(r"[0-9a-f-]{36}", call_uuid)
+    assert UUID_RE.fullmatch(call_uuid)
     fill = {"code": click.code, "phone": click.phone, "gateway": plan.gateway}
     manager = plan.manager_dial.format(**fill)
     customer = plan.customer_dial.format(**fill)

@@ -32,15 +32,12 @@ from fsbridge.http.status import StatusHandler
 from fsbridge.manager_status import ManagerStatus
 from fsbridge.metrics import Metrics
 from fsbridge.originate import DialPlan, Originator
-from fsbridge.record_links import RecordLinks
+from fsbridge.record_links import UUID_RE, RecordLinks
 from fsbridge.recordings import Recordings
 from fsbridge.routing import ManagerLookup
 
 log = logging.getLogger("fsbridge")
-UUID_RE = re.compile(r"[0-9a-fA-F-]{36}")
-
-
-_ROW_UUID_RE = re.compile(rb'"uuid":\s*"([0-9a-fA-F-]{36})"')
+_ROW_UUID_RE = re.compile(rf'"uuid":\s*"({UUID_RE.pattern})"')
 
 
 def live_channel_uuids(conn: EslConnection) -> set[str]:
@@ -51,7 +48,7 @@ def live_channel_uuids(conn: EslConnection) -> set[str]:
     body = conn.api("show channels as json")
     if not body.lstrip().startswith("{"):
         raise EslError(f"`show channels as json` did not answer JSON: {body[:80]!r}")
-    return {m.decode() for m in _ROW_UUID_RE.findall(body.encode())}
+    return set(_ROW_UUID_RE.findall(body))
 
 
 class Bridge:
@@ -142,9 +139,10 @@ class Bridge:
         if self.observer is not None:
             self.observer(call)
 
-    def reconcile(self, conn: EslConnection, ended_by: float | None = None, snapshot: int | None = None) -> int:
+    def reconcile(self, conn: EslConnection, ended_by: float | None = None, snapshot: int | None = None,
+                  live: set[str] | None = None) -> int:
         snapshot = self.tracker.seen if snapshot is None else snapshot
-        live = live_channel_uuids(conn)
+        live = live_channel_uuids(conn) if live is None else live
 
         def gone(uuid: str) -> bool:
             return conn.api(f"uuid_exists {uuid}").strip() == "false" if UUID_RE.fullmatch(uuid) else True
@@ -153,12 +151,14 @@ class Bridge:
 
     def _after_connect(self, conn: EslConnection) -> None:
         # Calls that vanished while we were away were last known alive when the connection dropped.
-        self.reconcile(conn, ended_by=self.listener.disconnected_at)
-        self.adopt(conn)
+        live = live_channel_uuids(conn)
+        self.reconcile(conn, ended_by=self.listener.disconnected_at, live=live)
+        self.adopt(conn, live=live)
 
-    def adopt(self, conn: EslConnection, limit: int = 5000) -> int:
+    def adopt(self, conn: EslConnection, limit: int = 5000, live: set[str] | None = None) -> int:
         """Follow the calls that were already up when we connected (fsbridge restarted mid-call)."""
-        unknown = [u for u in live_channel_uuids(conn) if u not in self.tracker.legs][:limit]
+        live = live_channel_uuids(conn) if live is None else live
+        unknown = [u for u in live if u not in self.tracker.legs][:limit]
         dumps = []
         for uuid in unknown:
             if not UUID_RE.fullmatch(uuid):

@@ -58,6 +58,24 @@ def test_backlogged_crm_gets_the_newest_cards_first(fake_crm, monkeypatch: pytes
         sender.stop()
 
 
+def test_slow_crm_gets_no_card_it_would_answer_too_late(fake_crm) -> None:
+    # The CRM takes 0.22 s a request; five cards wait for one worker with a 1 s limit. The fourth and fifth
+    # would start with less than twice 0.22 s left: dropped and counted without spending a request, where
+    # the fifth used to reach the CRM after its limit and be counted stale all the same.
+    fake_crm.latency = 0.22
+    sender = CardSender(RetailCRM(fake_crm.url, API_KEY), workers=1, max_age=1.0)
+    for n in range(5):
+        sender.submit(card("in", f"call-{n}"))
+    sender.start()
+    try:
+        until(lambda: sender.sent + sender.dropped_stale == 5, timeout=5, what="every card settled")
+        assert (sender.sent, sender.dropped_stale) == (3, 2)
+        assert len(fake_crm.requests) == 3
+    finally:
+        fake_crm.latency = 0.0
+        sender.stop()
+
+
 def test_full_queue_makes_room_with_its_oldest_card(fake_crm) -> None:
     sender = CardSender(RetailCRM(fake_crm.url, API_KEY), workers=1, queue_size=10)  # not started
     for n in range(12):
@@ -83,5 +101,23 @@ def test_memory_of_taken_calls_is_bounded_by_the_age_limit(fake_crm) -> None:
         sender.submit(card("in", "new"))
         until(lambda: sender.sent == 51, what="one more")
         assert list(sender._taken) == ["new"]
+    finally:
+        sender.stop()
+
+
+def test_one_slow_delivery_does_not_shut_out_the_cards_after_it(fake_crm) -> None:
+    # The first delivery takes longer than half the age limit (a CRM hiccup, retries): later cards, fresh
+    # from the queue, must still go out once the CRM is quick again.
+    fake_crm.latency = 0.6
+    sender = CardSender(RetailCRM(fake_crm.url, API_KEY), workers=1, max_age=1.0)
+    sender.start()
+    try:
+        sender.submit(card("in", "slow"))
+        until(lambda: sender.sent == 1, what="the slow card")
+        fake_crm.latency = 0.0
+        for n in range(3):
+            sender.submit(card("in", f"fresh-{n}"))
+        until(lambda: sender.sent == 4, what="the fresh cards")
+        assert sender.dropped_stale == 0
     finally:
         sender.stop()

@@ -67,6 +67,8 @@ def test_environment_overrides_secrets() -> None:
     (lambda r: r.update(freeswitch={"port": 70000}), "freeswitch.port: expected an integer from 1 to 65535"),
     (lambda r: r.update(freeswitch={"port": "8021"}), "freeswitch.port: expected an integer"),
     (lambda r: r.update(managers={"10a": 1}), "managers: expected digit-only extensions"),
+    # /retailcrm/status, click-to-call and the Lua script take 16 digits at most: so does the config.
+    (lambda r: r.update(managers={"1" * 17: 1}), "managers: expected digit-only extensions of 1 to 16"),
     (lambda r: r.update(managers={"100": "one"}), "managers: expected a positive integer user id"),
     (lambda r: r.update(managers={}), "managers: expected a mapping of extension"),
     (lambda r: r.pop("managers"), "managers: missing"),

@@ -28,6 +28,7 @@ class Script:
         self.answer = answer
         self.connections = 0
         self.requests: list[bytes] = []
+        self.close_idle = False  # close each connection right after its reply, as an idle timeout does
         self.server = StreamServer(("127.0.0.1", 0), self._handle, **(ssl_args or {}))
         self.server.start()
 
@@ -66,6 +67,9 @@ class Script:
             sock.sendall(reply)
             if b"Connection: close" in reply or reply.startswith(b"HTTP/1.0"):
                 return  # StreamServer closes the socket
+            if self.close_idle:
+                gevent.sleep(0.05)
+                return
 
     def stop(self) -> None:
         self.server.stop(timeout=0.5)
@@ -153,14 +157,15 @@ def test_idle_connection_closed_by_the_server_is_not_used(serve) -> None:
         return _length_reply()
 
     script = serve(answer)
+    script.close_idle = True
     t = Transport(f"http://127.0.0.1:{script.port}")
     assert _get(t) == OK
-    idle = t._idle[0]
-    idle.sock.shutdown(socket.SHUT_RD)  # as if the peer had closed: readable at EOF
-    script_conn_before = script.connections
+    assert not t._idle[0].dropped()
+    gevent.sleep(0.2)  # the server has closed the kept-alive connection by now
+    assert t._idle[0].dropped()  # seen before anything is sent on it
     assert _get(t) == OK
-    assert script.connections == script_conn_before + 1
-    assert len(script.requests) == 2  # sent once, on a fresh connection
+    assert script.connections == 2
+    assert len(script.requests) == 2  # sent once, on a fresh connection: the closed one was not tried
 
 
 def test_request_on_a_connection_the_server_dropped_meanwhile_is_sent_again_once(serve) -> None:
@@ -260,6 +265,16 @@ def test_client_uses_requests_when_a_proxy_is_set(monkeypatch: pytest.MonkeyPatc
     # The requests transport itself (no proxy in the way here) gives the same replies.
     crm = RetailCRM(fake_crm.url, API_KEY, transport=RequestsTransport(fake_crm.url))
     assert crm.request("GET", "/api/credentials")["success"] is True
+
+
+def test_requests_transport_keeps_the_account_path_once(serve, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # chosen because of the proxy, but not sent through it here
+    script = serve(lambda head, n: _length_reply())
+    crm = RetailCRM(f"http://127.0.0.1:{script.port}/crm", API_KEY)
+    assert isinstance(crm._transport, RequestsTransport)
+    crm.request("GET", "/api/credentials")
+    assert script.requests[0].startswith(b"GET /crm/api/credentials HTTP/1.1\r\n")
 
 
 def test_client_messages_name_no_url_or_key(serve) -> None:

@@ -89,10 +89,6 @@ class CallTracker:
             "RECORD_STOP": self._record_stop,
         }
 
-    @property
-    def calls(self) -> int:
-        return len({id(leg.call) for leg in self.legs.values() if leg.call is not None})
-
     def expect(self, uuid: str, call: ExpectedCall) -> None:
         self.expected[uuid] = call
 

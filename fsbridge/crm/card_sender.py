@@ -149,7 +149,9 @@ class CardSender:
             log.error("call event %s of call %s failed: %s", event.type, event.call_id, exc)
             return
         self.sent += 1
-        took = time.monotonic() - started
+        # Capped: a delivery slowed by retries must not make every later card look hopeless (with the cap,
+        # a card fresh from the queue always has more than twice the typical time left).
+        took = min(time.monotonic() - started, self.max_age / 4)
         self._typical = took if not self._typical else self._typical + 0.1 * (took - self._typical)
         missing = set(reply.get("notExistCodes") or []) - self.not_exist_codes
         if missing:

@@ -21,7 +21,6 @@ import socket
 import ssl
 import urllib.parse
 from dataclasses import dataclass
-from typing import Any
 
 # A reply head or body larger than these is not retailCRM's API.
 MAX_HEAD = 64 * 1024
@@ -108,7 +107,6 @@ class _Connection:
         if self.buf:
             return True
         try:
-            # The original poll, not gevent's: this must not wait, and must not switch greenlets.
             poller = _poll()
             poller.register(self.sock.fileno(), select.POLLIN)
             return bool(poller.poll(0))
@@ -120,13 +118,13 @@ class _Connection:
             self.sock.close()
 
 
-def _poll() -> Any:
-    try:
-        from gevent import monkey
+# The original poll, not gevent's: checking an idle connection must not wait, nor switch greenlets.
+try:
+    from gevent import monkey as _monkey
 
-        return monkey.get_original("select", "poll")()
-    except ImportError:  # pragma: no cover - gevent is a dependency
-        return select.poll()
+    _poll = _monkey.get_original("select", "poll")
+except ImportError:  # pragma: no cover - gevent is a dependency
+    _poll = select.poll
 
 
 class Transport:
@@ -351,7 +349,9 @@ class RequestsTransport:
         from requests.adapters import HTTPAdapter
 
         self._requests = requests
-        self.base_url = base_url.rstrip("/")
+        # The origin only: targets carry their whole path, as with Transport.
+        parts = urllib.parse.urlsplit(base_url)
+        self.base_url = f"{parts.scheme}://{parts.netloc}"
         self._session = requests.Session()
         adapter = HTTPAdapter(pool_connections=2, pool_maxsize=pool_size)
         self._session.mount("http://", adapter)

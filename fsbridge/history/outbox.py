@@ -288,10 +288,6 @@ class Outbox:
                                    (time.time() - older_than,))
         return cur.rowcount
 
-    @property
-    def inflight(self) -> int:
-        return len(self._inflight)
-
     # -- inspection and repair (`fsbridge outbox`) -----------------------------------------------
 
     def stats(self, *, count_sent: bool = True) -> Stats:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 from fsbridge.http.app import Request, Response, Router, check_client_id
+from fsbridge.manager_status import USER_ID_RE
 from fsbridge.originate import ClickFailed, ClickRejected, Originator, validate_click
 
 log = logging.getLogger("fsbridge.http")
@@ -23,7 +24,6 @@ class MakeCallHandler:
         # Without an originator (the config does not allow one) the CRM still gets a reason, not a 404.
         self.off_reason = off_reason or "click-to-call is not configured"
         self.managers = managers
-        self.codes = frozenset(managers)
         self.external_phones = external_phones
         self.originator = originator
 
@@ -38,12 +38,12 @@ class MakeCallHandler:
             return Response.text(503, self.off_reason)
         q = request.query
         try:
-            click = validate_click(q.get("code"), q.get("phone"), q.get("externalPhone"), self.codes,
+            click = validate_click(q.get("code"), q.get("phone"), q.get("externalPhone"), self.managers,
                                    self.external_phones)
         except ClickRejected as exc:
             return Response.text(400, str(exc))
         user_id = q.get("userId")
-        if user_id is not None and (not user_id.isdigit() or len(user_id) > 12):
+        if user_id is not None and USER_ID_RE.fullmatch(user_id) is None:
             return Response.text(400, "userId: expected digits")
         if user_id is not None and int(user_id) != self.managers[click.code]:
             log.warning("make-call: retailCRM user %s clicked as extension %s, which the config gives to user %s",
