@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 
 import gevent
+import gevent.pool
 
 from fsbridge import history
 from fsbridge.calls.legs import Directory
@@ -21,6 +22,7 @@ from fsbridge.esl.connection import EslConnection, EslError
 from fsbridge.esl.listener import EventListener
 from fsbridge.esl.protocol import Event
 from fsbridge.health import CrmReachability, Health
+from fsbridge.history.cdr import record_id_of
 from fsbridge.http.app import Router
 from fsbridge.http.logo import LogoHandler
 from fsbridge.http.lookup import RoutingHandler
@@ -77,6 +79,8 @@ class Bridge:
         self.statuses = ManagerStatus(cfg.storage.dir / "manager_status.json")
         self.recordings = Recordings(cfg.records.dir, prefer_mp3=cfg.records.prefer_mp3,
                                      encoder=cfg.records.mp3_encoder, bitrate_kbps=cfg.records.mp3_bitrate_kbps)
+        # MP3 encoding runs in child processes, two at a time, never on the ESL reading path.
+        self._encoders = gevent.pool.Pool(2)
         r = cfg.routing
         self.manager_lookup = ManagerLookup(self.crm, cfg.manager_codes, self.statuses, timeout=r.timeout,
                                             cache_ttl=r.cache_ttl, negative_ttl=r.negative_ttl,
@@ -136,6 +140,11 @@ class Bridge:
 
     def _finished(self, call: FinishedCall) -> None:
         self.history.on_finished(call)
+        if self.cfg.records.prefer_mp3 and call.answered and call.recording_path:
+            ref = record_id_of(call.recording_path)
+            if ref is not None and ref[1] == "wav":
+                # Rebuilt from the allow-listed id: the header's own path never reaches the encoder.
+                self._encoders.spawn(self.recordings.to_mp3, self.recordings.wav_path(ref[0]))
         if self.observer is not None:
             self.observer(call)
 
@@ -196,6 +205,7 @@ class Bridge:
         pending = self.history.outbox.pending()
         self.history.outbox.close()
         self.http.stop(1.0)
+        self._encoders.join(timeout=5.0)  # an MP3 half written is removed by to_mp3 itself
         self.recordings.close()
         log.info("stopped%s", f"; {pending} call(s) wait in the outbox for the next start" if pending else "")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 import gevent
 import pytest
@@ -243,3 +244,18 @@ def test_fsbridge_restarted_mid_call_takes_the_call_over(simulator, fake_crm, ma
         assert 7 <= call["duration"] <= 9, "talk time counted from the real bridge, not from the restart"
     finally:
         b.stop()
+
+
+@pytest.mark.skipif(not (shutil.which("lame") or shutil.which("ffmpeg")), reason="no MP3 encoder (lame or ffmpeg)")
+def test_prefer_mp3_converts_the_recording_after_the_call(start_bridge, fixtures_dir, tmp_path) -> None:
+    from tests.test_history_outbox import make_call
+
+    record_id = "31ff8abf-a4ac-4f83-a050-5a0db45e0c55"
+    shutil.copy(fixtures_dir / "recordings" / f"{record_id}.wav", tmp_path)
+    b = start_bridge(records={"dir": str(tmp_path), "prefer_mp3": True})
+    # The path as FreeSWITCH reported it: only the id in its name is used.
+    b._finished(make_call(1, recording_path=f"/elsewhere/{record_id}.wav", recording_ms=5000))
+    until(lambda: (tmp_path / f"{record_id}.mp3").exists(), timeout=30, what="the MP3")
+    head = (tmp_path / f"{record_id}.mp3").read_bytes()[:3]
+    assert head == b"ID3" or (head[0] == 0xFF and head[1] & 0xE0 == 0xE0), head  # an ID3 tag or MPEG frame sync
+    assert (tmp_path / f"{record_id}.wav").exists()  # the WAV is kept

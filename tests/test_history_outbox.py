@@ -263,3 +263,18 @@ def test_background_checkpoints_move_the_wal_into_the_database(path: Path) -> No
         gevent.sleep(0.3)
         assert path.stat().st_size > initial, "the worker thread copied the WAL into the database"
         assert box.stats().pending == 500
+
+
+def test_purge_goes_in_chunks_and_lets_the_others_run(path: Path) -> None:
+    import gevent
+
+    with Outbox(path) as box:
+        for n in range(7):
+            box.add(make_call(n))
+        box.mark_sent([e.row for e in box.claim(50)][:5])
+        ran: list[int] = []
+        gevent.spawn(lambda: ran.append(box.stats().sent))  # e.g. the ESL reader, between two chunks
+        assert box.purge_sent(older_than=-1, chunk=2) == 5
+        assert ran and 0 < ran[0] < 5  # it ran while the purge was under way
+        stats = box.stats()
+        assert (stats.pending, stats.sent) == (2, 0)

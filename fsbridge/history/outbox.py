@@ -281,12 +281,24 @@ class Outbox:
                              (state, time.time(), reason, *rows))
             self._inflight.difference_update(rows)
 
-    def purge_sent(self, older_than: float) -> int:
-        """Forget calls delivered more than `older_than` seconds ago."""
-        with self._lock:
-            cur = self._db.execute("DELETE FROM calls WHERE state = 1 AND updated < ?",
-                                   (time.time() - older_than,))
-        return cur.rowcount
+    def purge_sent(self, older_than: float, chunk: int = 1000) -> int:
+        """Forget calls delivered more than `older_than` seconds ago.
+
+        In chunks, with other greenlets run in between: SQLite does not yield, and an hour of delivered
+        calls at 100 calls/s took a second to delete in one statement, a second of no events read."""
+        import gevent
+
+        cutoff = time.time() - older_than
+        purged = 0
+        while True:
+            with self._lock:
+                cur = self._db.execute(
+                    "DELETE FROM calls WHERE id IN "
+                    "(SELECT id FROM calls WHERE state = 1 AND updated < ? LIMIT ?)", (cutoff, chunk))
+            purged += cur.rowcount
+            if cur.rowcount < chunk:
+                return purged
+            gevent.sleep(0)
 
     # -- inspection and repair (`fsbridge outbox`) -----------------------------------------------
 
