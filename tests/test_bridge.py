@@ -259,3 +259,17 @@ def test_prefer_mp3_converts_the_recording_after_the_call(start_bridge, fixtures
     head = (tmp_path / f"{record_id}.mp3").read_bytes()[:3]
     assert head == b"ID3" or (head[0] == 0xFF and head[1] & 0xE0 == 0xE0), head  # an ID3 tag or MPEG frame sync
     assert (tmp_path / f"{record_id}.wav").exists()  # the WAV is kept
+
+
+def test_freeswitch_dropping_a_slow_reader_is_counted_as_lost_events(simulator, bridge) -> None:
+    from tests.fakes.freeswitch import LOST_EVENTS_NOTICE
+
+    reconnects = bridge.listener.reconnects
+    [conn] = simulator._event_conns
+    conn.kill(LOST_EVENTS_NOTICE)  # what mod_event_socket sends a listener whose queue overflowed
+    until(lambda: bridge.listener.reconnects == reconnects + 1, what="the reconnection")
+    assert bridge.listener.lost_listener == 1
+    simulator.wait_for_subscriber(timeout=5)
+    simulator._event_conns[-1].kill("bye\n")  # any other disconnect notice is a lost connection, not lost events
+    until(lambda: bridge.listener.reconnects == reconnects + 2, what="the second reconnection")
+    assert bridge.listener.lost_listener == 1

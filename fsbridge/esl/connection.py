@@ -68,6 +68,8 @@ class EslConnection(InboundESL):
         self._auth_request = gevent.event.AsyncResult()
         self._reader: gevent.Greenlet | None = None
         self._notice = ""
+        # FreeSWITCH dropped us for reading too slowly: its disconnect notice says it lost events for us.
+        self.lost_events = False
         self._stopping = False
         self.sock = None
 
@@ -209,6 +211,7 @@ class EslConnection(InboundESL):
             body = frame.body.decode("utf-8", "replace").strip().splitlines()
             self._run = False
             self._notice = "FreeSWITCH sent a disconnect notice" + (f": {body[0]}" if body else "")
+            self.lost_events = any("lost events" in line.lower() for line in body)
         else:
             log.debug("event socket: ignored a %r frame", kind[:40])
 

@@ -51,8 +51,9 @@ class EventListener:
     def malformed_events(self) -> int:
         """Events skipped because they could not be parsed, over every connection so far."""
         conn = self.connection
-        current = conn.bad_events if conn is not None and not conn.closed.is_set() else 0
-        return self.malformed_before + current
+        # Counted until the next connection replaces this one: a scrape between the close and the
+        # listener's bookkeeping must not see the counter go down.
+        return self.malformed_before + (conn.bad_events if conn is not None else 0)
 
     @property
     def running(self) -> bool:
@@ -101,6 +102,8 @@ class EventListener:
             if not first:
                 self.reconnects += 1
             first = False
+            if self.connection is not None:
+                self.malformed_before += self.connection.bad_events
             self.connection = conn
             self.last_error = ""
             delay = self.min_delay
@@ -114,9 +117,8 @@ class EventListener:
                 except Exception:
                     log.exception("after connecting: reconciliation failed")
             conn.closed.wait()
-            self.malformed_before += conn.bad_events
             self.disconnected_at = time.time()
-            if "lost events" in conn.close_reason:
+            if conn.lost_events:
                 self.lost_listener += 1
             if self._running:
                 log.warning("lost FreeSWITCH (%s); reconnecting", conn.close_reason)
