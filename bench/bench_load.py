@@ -7,11 +7,14 @@ sends call events (cards) and the call history to the strict fake retailCRM.
     python3 -m bench.bench_load --outage 120 --outage-at 60 --duration 240   # the CRM down for 2 minutes
     python3 -m bench.bench_load --rate 2 --concurrency 10 --duration 20 --watch   # watch calls flow
 
-What runs where. fsbridge is `python -m fsbridge run --config <tmp>/fsbridge.yaml`, a process of its own, so
-its CPU (utime + stime from /proc/<pid>/stat) and peak RSS (VmHWM from /proc/<pid>/status) are its own. The
-FreeSWITCH simulator (tests/fakes/freeswitch.py) and the fake retailCRM (tests/fakes/retailcrm.py) run in this
-process, on one gevent hub; its CPU and hub lag are printed too, since they bound what is measured. With two
-CPUs or more, fsbridge is pinned to CPU 0 and this process to CPU 1.
+What runs where. Three processes. fsbridge is `python -m fsbridge run --config <tmp>/fsbridge.yaml`, so its
+CPU (utime + stime from /proc/<pid>/stat) and peak RSS (VmHWM from /proc/<pid>/status) are its own. The
+FreeSWITCH simulator (tests/fakes/freeswitch.py) runs in this process, and the fake retailCRM
+(tests/fakes/retailcrm.py) in a third (bench/fake_crm_process.py), which reports each request it received
+and when over a pipe: sharing this process's hub, it read no request while the simulator wrote a burst or
+this process parsed a scrape, and that wait counted as fsbridge's. The CPU of both and this hub's lag are
+printed too, since they bound what is measured. With two CPUs or more, fsbridge is pinned to CPU 0 and this
+process to CPU 1; the fake CRM is not pinned, so it runs wherever a CPU is idle when a request comes.
 
 The load. The six captured calls in turn, each with fresh ids (`play_many`), `--rate` started per second for
 `--duration` seconds. Their recorded lengths average ~7.7 s, so 5 000 calls at once at 200 calls/s need calls
@@ -24,7 +27,7 @@ event that fsbridge had not yet counted (0 when it has counted them all).
 The instrument. This process runs without full collections of its cyclic garbage collector (one of its heap
 stalled it for up to 200 ms, which showed as fsbridge's latency); cards in flight while it stalled anyway are
 counted and left out of a second set of figures. The fake CRM's sockets get TCP_NODELAY like the real CRM's
-nginx front (`--fake-nagle` to leave Nagle on), as in bench_routing.
+nginx front (`--fake-nagle` to leave Nagle on).
 
 Cards. 200 calls/s make 400 call events/s, ten times retailCRM's 40 requests/s: for these runs the fake's rate
 limits are off and so is fsbridge's pacing (`crm.telephony_rate: 0`; `--telephony-rate 1000` paces at 1000/s
@@ -46,6 +49,7 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # noqa: E402
+import array  # noqa: E402
 import bisect  # noqa: E402
 import collections  # noqa: E402
 import gc  # noqa: E402
@@ -67,16 +71,15 @@ from dataclasses import dataclass, field  # noqa: E402
 from typing import Any  # noqa: E402
 
 import gevent  # noqa: E402
+import gevent.event  # noqa: E402
 import yaml  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.conftest import API_KEY, settings  # noqa: E402
-from tests.fakes import retailcrm  # noqa: E402
 from tests.fakes.esl_captures import load_scenario  # noqa: E402
 from tests.fakes.freeswitch import FreeSwitchSimulator, PlayedCall  # noqa: E402
-from tests.fakes.retailcrm import FakeRetailCRM  # noqa: E402
 
 SCENARIOS = ("inbound_answered", "inbound_no_answer", "inbound_busy", "inbound_ext_no_answer",
              "outbound_ext_dial", "outbound_originate_answered")
@@ -105,11 +108,14 @@ class TimedSimulator(FreeSwitchSimulator):
         self._waiting: collections.deque[tuple[int, tuple[str, str]]] = collections.deque()
         self.subscriber: Any = None  # the _Conn of fsbridge's event subscription
         self.subscribers = 0
-        self.writes_n: list[int] = []  # event frames written to the subscriber so far ...
-        self.writes_t: list[float] = []  # ... as of this time.time()
+        # Arrays, not lists: one entry per write, 700 000 in five minutes.
+        self.writes_n = array.array("q")  # event frames written to the subscriber so far ...
+        self.writes_t = array.array("d")  # ... as of this time.time()
         self.started = self.finished = 0
         self.first_start = self.last_start = 0.0
-        self.calls: list[PlayedCall] = []
+        # What the report needs of each call played, not the PlayedCall (60 000 of them in five minutes).
+        self.a_legs: list[str] = []
+        self.frames_dropped = 0  # event frames the simulator's queue dropped
 
     def play(self, *args: Any, **kwargs: Any) -> PlayedCall:
         now = time.time()
@@ -120,7 +126,8 @@ class TimedSimulator(FreeSwitchSimulator):
             played = super().play(*args, **kwargs)
         finally:
             self.finished += 1
-        self.calls.append(played)
+        self.a_legs.append(played.a_leg)
+        self.frames_dropped += played.dropped
         return played
 
     @property
@@ -188,64 +195,98 @@ class Card:
     type: str
 
 
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc/<pid>/stat."""
+    stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
 @dataclass
 class CrmSide:
-    fake: FakeRetailCRM
-    unfinished: list[Any] = field(default_factory=list)
+    """The fake retailCRM in its own process (bench/fake_crm_process.py), and what it reported receiving."""
+
+    proc: subprocess.Popen[bytes]
+    url: str = ""
+    cards: list[Card] = field(default_factory=list)  # since the last take()
     failed_events: collections.Counter = field(default_factory=collections.Counter)
     uploads: collections.Counter = field(default_factory=collections.Counter)
+    upload_times: list[float] = field(default_factory=list)  # when each upload request arrived (--dump)
     duplicates: int = 0
     uploaded: list[tuple[float, list[str]]] = field(default_factory=list)  # since the last look (--watch)
+    stored: set[str] = field(default_factory=set)
+    _calls: gevent.event.AsyncResult | None = None
 
     @classmethod
     def start(cls, nagle: bool = False) -> CrmSide:
-        if not nagle:
-            # As bench_routing does: the real CRM's nginx front has tcp_nodelay on, the fake's pywsgi leaves
-            # Nagle on, and then a reply on fsbridge's kept-alive connection can wait for fsbridge's delayed
-            # ACK (40 ms on Linux), a stall that is the fake's, not fsbridge's.
-            handle = retailcrm._Handler.handle
+        # Not pinned: the kernel runs it on whichever CPU is idle when a request arrives.
+        proc = subprocess.Popen([sys.executable, "-m", "bench.fake_crm_process", "--api-key", API_KEY]
+                                + (["--nagle"] if nagle else []),
+                                cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        side = cls(proc)
+        ready = gevent.event.Event()
+        gevent.spawn(side._read, ready)
+        if not ready.wait(20):
+            proc.kill()
+            raise SystemExit("the fake CRM process did not start")
+        return side
 
-            def handle_nodelay(self: retailcrm._Handler) -> None:
-                self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                handle(self)
+    def _read(self, ready: gevent.event.Event) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            for record in json.loads(line):
+                kind = record[0]
+                if kind == "card":
+                    self.cards.append(Card(record[1], record[2], record[3]))
+                elif kind == "refused":
+                    self.failed_events[record[2]] += 1
+                elif kind == "upload":
+                    self.uploads[record[1]] += 1
+                    self.upload_times.append(record[2])
+                elif kind == "stored":
+                    self.uploaded.append((record[1], record[2]))
+                    self.duplicates += record[3]
+                elif kind == "calls":
+                    if self._calls is not None:
+                        self._calls.set(record[1])
+                elif kind == "url":
+                    self.url = record[1]
+                    ready.set()
 
-            retailcrm._Handler.handle = handle_nodelay  # type: ignore[method-assign]
-        fake = FakeRetailCRM(api_key=API_KEY, known_codes={"100", "200"}, known_user_ids={1, 2},
-                             known_sites={"shop1"})
-        fake.telephony_rate_limit = None
-        fake.general_rate_limit = None
-        fake.start()
-        return cls(fake)
+    def _send(self, **command: Any) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(command).encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def set_latency(self, seconds: float) -> None:
+        self._send(latency=seconds)
+
+    def set_outage(self, kind: str | None) -> None:
+        self._send(outage=kind)
+
+    def stored_calls(self, timeout: float = 60.0) -> set[str]:
+        """Every call the fake CRM stored; everything it received before is reported by then too."""
+        self._calls = gevent.event.AsyncResult()
+        self._send(calls=True)
+        return set(self._calls.get(timeout=timeout))
 
     def take(self) -> list[Card]:
-        """Card deliveries since the last call; forgets what it read (a long run would pile up requests)."""
-        fake = self.fake
-        fresh, fake.requests = fake.requests, []
-        cards = []
-        keep = []
-        now = time.time()
-        for n, r in enumerate(self.unfinished + fresh):
-            if n % 50 == 49:
-                gevent.sleep(0)  # a second's cards at once would hold up the fake CRM's own reads
-            if r.status == 0:
-                if now - r.received < 120:  # a reset connection never gets a status
-                    keep.append(r)
-                continue
-            if r.path == EVENT_PATH:
-                if r.status == 200:
-                    event = json.loads(r.form["event"])
-                    cards.append(Card(r.received, event["callExternalId"], event["type"]))
-                else:
-                    self.failed_events[r.status] += 1
-            elif r.path == UPLOAD_PATH:
-                self.uploads[r.status] += 1
-        self.unfinished = keep
-        for upload in fake.uploads:
-            self.duplicates += len(upload.duplicates)
-            self.uploaded.append((upload.received, [str(c.get("externalId")) for c in upload.calls]))
-        fake.uploads.clear()
-        fake.events.clear()
+        """Card deliveries since the last call."""
+        cards, self.cards = self.cards, []
         return cards
+
+    def cpu_seconds(self) -> float:
+        return proc_cpu_seconds(self.proc.pid)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
 # -- fsbridge, the process ----------------------------------------------------------------------------
@@ -307,9 +348,7 @@ class Fsbridge:
         self.pid = self.proc.pid
 
     def cpu_seconds(self) -> float:
-        stat = pathlib.Path(f"/proc/{self.pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2:].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        return proc_cpu_seconds(self.pid)
 
     def memory_mb(self) -> tuple[float, float]:
         """(VmRSS, VmHWM) in MB."""
@@ -372,6 +411,7 @@ class Sample:
     at: float
     cpu: float  # fsbridge CPU seconds so far
     bench_cpu: float  # this process's
+    crm_cpu: float  # the fake CRM process's
     rss: float
     hwm: float
     m: Scrape
@@ -413,7 +453,8 @@ class Run:
         sim = self.sim
         conn = sim.subscriber
         rss, hwm = self.fsb.memory_mb()
-        s = Sample(at=m.at, cpu=self.fsb.cpu_seconds(), bench_cpu=bench_cpu(), rss=rss, hwm=hwm, m=m,
+        s = Sample(at=m.at, cpu=self.fsb.cpu_seconds(), bench_cpu=bench_cpu(), crm_cpu=self.crm.cpu_seconds(),
+                   rss=rss, hwm=hwm, m=m,
                    live=sim.live, started=sim.started, sim_queue=len(conn.queue) if conn is not None else 0,
                    backlog=0.0, load1=os.getloadavg()[0])
         s.backlog = sim.ingest_backlog(int(s.handled), m.at)
@@ -465,7 +506,8 @@ class Run:
         m = s.m
         print(f"  t={s.at - self.t0:6.1f}s  started {s.started:6d}  playing {s.live:5d}  "
               f"events {(s.handled - prev.handled) / span:6.0f}/s  fsbridge cpu {(s.cpu - prev.cpu) / span:4.0%} "
-              f"rss {s.rss:4.0f} MB  bench cpu {(s.bench_cpu - prev.bench_cpu) / span:4.0%}  "
+              f"rss {s.rss:4.0f} MB  simulator cpu {(s.bench_cpu - prev.bench_cpu) / span:4.0%}  "
+              f"fake CRM cpu {(s.crm_cpu - prev.crm_cpu) / span:4.0%}  "
               f"backlog {s.backlog * 1e3:5.0f} ms  cards sent "
               f"{m.get_sum('fsbridge_call_events_done_total', outcome='sent'):6.0f} stale "
               f"{m.get_sum('fsbridge_call_events_done_total', outcome='stale'):5.0f} queued "
@@ -642,7 +684,7 @@ def main() -> int:
     sim = TimedSimulator(password="ClueCon", heartbeat_interval=20.0)
     sim.start()
     http_port = free_port()
-    cfg = settings(fs_port=sim.port, crm_url=crm.fake.url, state_dir=str(tmp / "state"),
+    cfg = settings(fs_port=sim.port, crm_url=crm.url, state_dir=str(tmp / "state"),
                    crm={"telephony_rate": args.telephony_rate, "card_max_age": args.card_max_age,
                         "card_workers": args.card_workers},
                    http={"listen": f"127.0.0.1:{http_port}"}, log={"level": args.log_level})
@@ -668,7 +710,7 @@ def main() -> int:
         if args.baseline_calls:
             sim.play_many(names, args.baseline_calls, rate=2.0, speed=1.0)
             wait_until(lambda: len(run.latencies) >= CARDS_PER_CALL * args.baseline_calls, 15)
-        baseline_ids = {p.a_leg for p in sim.calls}
+        baseline_ids = set(sim.a_legs)
         base_lat = [lat for sent, lat, _ in run.latencies if sent >= base_from]
 
         # The load.
@@ -678,7 +720,8 @@ def main() -> int:
               + (f"; CRM latency {args.crm_latency * 1e3:.0f} ms" if args.crm_latency else "")
               + (f"; CRM down ({args.outage_kind}) from {args.outage_at:g} s for {args.outage:g} s"
                  if args.outage else ""), flush=True)
-        crm.fake.latency = args.crm_latency
+        if args.crm_latency:
+            crm.set_latency(args.crm_latency)
         load_from = time.time()
         start = run.sample()
         if args.profile:
@@ -687,11 +730,11 @@ def main() -> int:
 
         def crm_outage() -> None:
             gevent.sleep(args.outage_at)
-            crm.fake.outage = args.outage_kind
+            crm.set_outage(args.outage_kind)
             outage.append(time.time())
             print(f"  t={time.time() - run.t0:6.1f}s  CRM down ({args.outage_kind})", flush=True)
             gevent.sleep(args.outage)
-            crm.fake.outage = None
+            crm.set_outage(None)
             outage.append(time.time())
             print(f"  t={time.time() - run.t0:6.1f}s  CRM back", flush=True)
 
@@ -703,7 +746,7 @@ def main() -> int:
         if outage_g is not None:
             outage_g.join()
         end_of_load = run.sample()
-        total_calls = len(sim.calls)
+        total_calls = len(sim.a_legs)
 
         # Drain: every call finished in fsbridge, every card decided, every call uploaded.
         def drained() -> bool:
@@ -718,6 +761,7 @@ def main() -> int:
         run.stop()
         sampler.join()
         final = run.sample()
+        crm_stored = crm.stored_calls()
         run.collect_cards()
         if profiler is not None:
             profiler.wait(timeout=60)
@@ -727,12 +771,11 @@ def main() -> int:
         if profiler is not None and profiler.poll() is None:
             profiler.terminate()
         sim.stop()
-        crm.fake.stop()
+        crm.stop()
 
     # -- report ---------------------------------------------------------------------------------------
     m = final.m
-    load_ids = {p.a_leg for p in sim.calls} - baseline_ids
-    load_played = [p for p in sim.calls if p.a_leg in load_ids]
+    load_played = set(sim.a_legs) - baseline_ids
     steady = [s for s in run.samples if load_from + length / speed <= s.at <= sim.last_start]
     in_load = [s for s in run.samples if load_from <= s.at <= last_call] or run.samples[-2:]
     start_span = max(sim.last_start - load_from, 1e-9)
@@ -744,7 +787,8 @@ def main() -> int:
     print(f"machine: {os.cpu_count()} CPUs, load average {pct([s.load1 for s in in_load], 0.5):.2f} (median "
           f"during the load), max {max((s.load1 for s in in_load), default=0):.2f}")
     span = max(end_of_load.at - start.at, 1e-9)
-    print(f"this process (simulator + fake CRM): {(end_of_load.bench_cpu - start.bench_cpu) / span:.0%} of a "
+    print(f"the fake CRM process: {(end_of_load.crm_cpu - start.crm_cpu) / span:.0%} of a core")
+    print(f"this process (simulator): {(end_of_load.bench_cpu - start.bench_cpu) / span:.0%} of a "
           f"core; its hub lag p50 {ms(pct(run.hub_lags, 0.5))}, p99 {ms(pct(run.hub_lags, 0.99))} "
           f"max {ms(max(run.hub_lags, default=math.nan))} (adds to the latencies measured below); peak RSS "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB without full garbage collections")
@@ -781,6 +825,16 @@ def main() -> int:
         took = [s.m.took for s in in_load]
         print(f"  fsbridge's own hub, seen as the time it took to answer /metrics each second: p50 "
               f"{ms(pct(took, 0.5))}, max {ms(max(took, default=math.nan))}")
+        blocked = [hist_quantile(start.m.buckets("fsbridge_hub_blocked_seconds"),
+                                 end_of_load.m.buckets("fsbridge_hub_blocked_seconds"), q) for q in (0.5, 0.99, 0.999)]
+        print(f"  fsbridge_hub_blocked_seconds over the load: p50 {ms(blocked[0])}, p99 {ms(blocked[1])}, "
+              f"p99.9 {ms(blocked[2])}; garbage collections: " + ", ".join(
+                  f"gen {g} {n:.0f}x, {ms(t / n) if n else 'n/a'} each"
+                  for g in "012"
+                  for n, t in [(end_of_load.m.get_sum("fsbridge_gc_pause_seconds_count", generation=g)
+                                - start.m.get_sum("fsbridge_gc_pause_seconds_count", generation=g),
+                                end_of_load.m.get_sum("fsbridge_gc_pause_seconds_sum", generation=g)
+                                - start.m.get_sum("fsbridge_gc_pause_seconds_sum", generation=g))]))
     if req_n:
         print(f"  mean: {ms(sum(clean) / max(len(clean), 1))}, of which the HTTP request as fsbridge times it "
               f"(fsbridge_crm_request_seconds, until the reply): {ms(req_s / req_n)} over {req_n:.0f} requests")
@@ -824,7 +878,7 @@ def main() -> int:
               f"{'(counted)' if stale_ok else '(none counted)'}")
 
     # Drops.
-    sim_dropped = sum(p.dropped for p in sim.calls)
+    sim_dropped = sim.frames_dropped
     lost = m.get_sum("fsbridge_esl_events_lost_total")
     dropped = sim_dropped + lost + outcomes["queue_full"]
     written = sim.writes_n[-1] if sim.writes_n else 0
@@ -875,8 +929,8 @@ def main() -> int:
           f"{'n/a' if math.isnan(steady_cpu) else f'{steady_cpu:.0%}'} of a core")
 
     # History.
-    stored = set(crm.fake.calls)
-    everyone = {p.a_leg for p in sim.calls}
+    stored = crm_stored
+    everyone = set(sim.a_legs)
     missing, extra = everyone - stored, stored - everyone
     print(f"history: {len(everyone & stored)} of {len(everyone)} calls in the fake CRM, {len(missing)} missing, "
           f"{len(extra)} unknown, {crm.duplicates} re-sent and refused as duplicates; quarantined "
@@ -892,6 +946,8 @@ def main() -> int:
                 f.write(f"{sent - run.t0:.4f},{lat * 1e3:.3f},{kind}\n")
             for s in run.samples:  # when /metrics was asked (latency: how long fsbridge took to answer)
                 f.write(f"{s.m.at - s.m.took - run.t0:.4f},{s.m.took * 1e3:.3f},scrape\n")
+            for at in crm.upload_times:  # when a history upload reached the CRM (latency: none)
+                f.write(f"{at - run.t0:.4f},0,upload\n")
     levels = fsb.log_levels()
     print(f"fsbridge exit status {rc}; its log: {', '.join(f'{n} {k}' for k, n in levels.most_common())}"
           + (f" (kept in {tmp})" if args.keep else ""))

@@ -51,24 +51,12 @@ def serve_crm(port_file: str, latency: float, nodelay: bool) -> None:
 
     monkey.patch_all()
     sys.path.insert(0, str(ROOT))
-    import socket
-
-    from tests.fakes import retailcrm
     from tests.fakes.retailcrm import FakeRetailCRM
 
-    if nodelay:
-        # The fake's pywsgi leaves Nagle on; on a kept-alive connection its reply then waits for the client's
-        # delayed ACK, 40 ms on Linux, which the real retailCRM (nginx: tcp_nodelay on) does not make
-        # anyone wait. Measured with it left on, every uncached lookup "costs" 40 ms that are the fake's.
-        handle = retailcrm._Handler.handle
-
-        def handle_nodelay(self: retailcrm._Handler) -> None:
-            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            handle(self)
-
-        retailcrm._Handler.handle = handle_nodelay  # type: ignore[method-assign]
-
     crm = FakeRetailCRM(KEY)
+    # Off, each reply on fsbridge's kept-alive connection waits for its delayed ACK (40 ms on Linux), a stall
+    # the real retailCRM (nginx: tcp_nodelay on) makes nobody wait.
+    crm.nodelay = nodelay
     crm.manager_latency = latency
     crm.telephony_rate_limit = None  # pacing keeps us under it; its bookkeeping is not what we measure
     manager = {"id": 1, "firstName": "Bench", "lastName": "Manager", "email": "b@example.com", "code": "100"}

@@ -21,6 +21,11 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
 
     from fsbridge.service import Bridge
 
+    # gevent runs ready greenlets for up to the switch interval before it looks for I/O again. At the
+    # default 5 ms, greenlets taking turns (the ESL reader working through a burst, history batches) kept
+    # card replies and new events unread for up to 5 ms; 1 ms bounds that wait. (It is also the GIL's
+    # interval, which only matters to the outbox's checkpoint thread.)
+    sys.setswitchinterval(0.001)
     bridge = Bridge(cfg)
     bridge.start()
     log.info("fsbridge %s running (FreeSWITCH %s:%s, CRM %s)", __version__, cfg.freeswitch.host,

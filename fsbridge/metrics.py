@@ -13,10 +13,11 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-import gevent
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from fsbridge.background import give_way
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -96,7 +97,7 @@ class _Yielding:
     def collect(self) -> Iterator[Any]:
         for family in self.registry.collect():
             yield family
-            gevent.sleep(0)
+            give_way()
 
 
 class _Levels(Collector):

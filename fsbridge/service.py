@@ -31,6 +31,7 @@ from fsbridge.http.ops import OpsHandlers
 from fsbridge.http.records import RecordsHandler
 from fsbridge.http.server import HttpServer
 from fsbridge.http.status import StatusHandler
+from fsbridge.hub_watch import HubWatch
 from fsbridge.manager_status import ManagerStatus
 from fsbridge.metrics import Metrics
 from fsbridge.originate import DialPlan, Originator
@@ -60,6 +61,7 @@ class Bridge:
                  on_finished: Callable[[FinishedCall], None] | None = None) -> None:
         self.cfg = cfg
         self.metrics = Metrics()
+        self.hub_watch = HubWatch(self.metrics.registry)
         self.crm_health = CrmReachability()
         self.crm = crm or RetailCRM(cfg.crm.url, cfg.crm.api_key, timeout=cfg.crm.timeout,
                                     telephony_rate=cfg.crm.telephony_rate)
@@ -184,6 +186,7 @@ class Bridge:
     # -- lifecycle --
 
     def start(self) -> None:
+        self.hub_watch.start()
         self.http.start()
         self.cards.start()
         self.history.start()
@@ -207,6 +210,7 @@ class Bridge:
         self.http.stop(1.0)
         self._encoders.join(timeout=5.0)  # an MP3 half written is removed by to_mp3 itself
         self.recordings.close()
+        self.hub_watch.stop()
         log.info("stopped%s", f"; {pending} call(s) wait in the outbox for the next start" if pending else "")
 
     def _reconcile_periodically(self) -> None:

@@ -9,7 +9,7 @@ import gevent
 import pytest
 
 from fsbridge.calls.model import CallEvent
-from fsbridge.crm import card_sender
+from fsbridge.crm import card_sender, client
 from fsbridge.crm.card_sender import CardSender
 from fsbridge.crm.client import RetailCRM
 from tests.conftest import API_KEY
@@ -120,4 +120,26 @@ def test_one_slow_delivery_does_not_shut_out_the_cards_after_it(fake_crm) -> Non
         until(lambda: sender.sent == 4, what="the fresh cards")
         assert sender.dropped_stale == 0
     finally:
+        sender.stop()
+
+
+def test_card_held_through_an_outage_goes_out_soon_after_the_crm_returns(
+        fake_crm, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A steeper ramp than the real 25 ms start, so that three seconds of outage reach delays of 1.6-3.2 s:
+    # with the general 5 s cap, the worker would still be asleep when the CRM comes back.
+    monkeypatch.setattr(client, "TELEPHONY_BACKOFF_BASE", 0.2)
+    fake_crm.outage = "html503"
+    sender = CardSender(RetailCRM(fake_crm.url, API_KEY, telephony_rate=0), workers=1)
+    sender.start()
+    try:
+        sender.submit(card("in", "a"))
+        gevent.sleep(3.0)
+        assert sender.sent == 0
+        fake_crm.outage = None
+        back = time.monotonic()
+        until(lambda: sender.sent == 1, timeout=5, what="the card after the outage")
+        assert time.monotonic() - back < 0.75  # at most one capped sleep (0.5 s) and a request
+        assert delivered(fake_crm) == [("in", "a")]
+    finally:
+        fake_crm.outage = None
         sender.stop()

@@ -19,7 +19,9 @@ from fsbridge.crm import (
     RetailCRM,
     encode_form,
     encode_params,
+    form_body,
 )
+from fsbridge.crm.backoff import backoff_delay
 from tests.fakes.retailcrm import FakeRetailCRM
 
 KEY = "k3y-that-must-never-be-logged"
@@ -362,3 +364,24 @@ def test_error_hierarchy() -> None:
     assert issubclass(CRMRejected, CRMError) and issubclass(CRMUnavailable, CRMError)
     err = CRMRejected(400, "bad", {"f": "x"})
     assert (err.status, err.message, err.errors, str(err)) == (400, "bad", {"f": "x"}, "bad")
+
+
+def test_backoff_doubles_up_to_its_cap_with_jitter() -> None:
+    for failures in range(1, 200):  # far past the cap: no overflow
+        ceiling = min(5.0, 0.1 * 2 ** min(failures - 1, 60))
+        delays = {backoff_delay(0.1, failures, 5.0) for _ in range(20)}
+        assert all(ceiling / 2 <= d <= ceiling for d in delays)
+        assert len(delays) > 1  # spread: workers that failed together do not retry together
+
+
+def test_form_body_is_urlencode_and_lets_the_others_run_on_long_values() -> None:
+    import urllib.parse
+
+    fields = encode_form({"calls": [call(n, phone="+7 (912) 123-45-67", recordUrl="https://x/?a=1&b=ё")
+                                    for n in range(50)], "apiKey": "a b&c=d"})
+    ran: list[bool] = []
+    gevent.spawn(ran.append, True)  # e.g. a card worker, due while a 50-call upload is being encoded
+    body = form_body(fields)
+    assert ran == [True]
+    assert body == urllib.parse.urlencode(fields).encode("ascii")
+    assert form_body({"event": "{}"}) == b"event=%7B%7D"

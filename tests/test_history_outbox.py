@@ -278,3 +278,28 @@ def test_purge_goes_in_chunks_and_lets_the_others_run(path: Path) -> None:
         assert ran and 0 < ran[0] < 5  # it ran while the purge was under way
         stats = box.stats()
         assert (stats.pending, stats.sent) == (2, 0)
+
+
+def test_claim_decodes_with_the_others_running_and_never_hands_a_row_twice(path: Path) -> None:
+    import gevent
+
+    with Outbox(path) as box:
+        for n in range(30):
+            box.add(make_call(n))
+        claimed: list[bool] = []
+        wrote_before_claimed: list[bool] = []
+
+        def reader() -> None:  # the ESL reader finishing a call while a batch is being claimed
+            box.add(make_call(100))
+            wrote_before_claimed.append(not claimed)
+
+        gevent.spawn(reader)
+        other = gevent.spawn(box.claim, 20)  # a second upload worker claiming at the same time
+        first = box.claim(20)
+        claimed.append(True)
+        second = other.get()
+        assert wrote_before_claimed == [True]
+        ids = [e.call.call_id for e in first + second]
+        assert len(ids) == len(set(ids))
+        rest = [e.call.call_id for e in box.claim(50)]
+        assert sorted(ids + rest) == sorted([f"call-{n:05d}" for n in range(30)] + ["call-00100"])

@@ -201,3 +201,26 @@ def test_a_scrape_does_not_hold_up_the_other_greenlets(running) -> None:
     ours = [line for line in text.decode().splitlines() if line.startswith("#")]
     theirs = [line for line in generate_latest(bridge.metrics.registry).decode().splitlines() if line.startswith("#")]
     assert ours == theirs and len(ours) > 20
+
+
+def test_metrics_show_a_blocked_hub_and_the_collectors_pauses(running) -> None:
+    import gc
+
+    import gevent
+
+    _, base = running
+
+    def over_25ms(text: str) -> float:
+        return (metric(text, "fsbridge_hub_blocked_seconds_count")
+                - metric(text, "fsbridge_hub_blocked_seconds_bucket", le="0.025"))
+
+    before = requests.get(f"{base}/metrics", timeout=5).text
+    end = time.perf_counter() + 0.08
+    while time.perf_counter() < end:  # e.g. a slow SQLite write on the reading path: nothing else runs
+        pass
+    gc.collect()
+    gevent.sleep(0.05)
+    after = requests.get(f"{base}/metrics", timeout=5).text
+    assert over_25ms(after) - over_25ms(before) >= 1
+    assert (metric(after, "fsbridge_gc_pause_seconds_count", generation="2")
+            > metric(before, "fsbridge_gc_pause_seconds_count", generation="2"))

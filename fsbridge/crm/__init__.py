@@ -1,6 +1,6 @@
 """retailCRM API v5 client (telephony methods)."""
 
-from fsbridge.crm.client import MAX_CALLS_PER_UPLOAD, RetailCRM, encode_form, encode_params
+from fsbridge.crm.client import MAX_CALLS_PER_UPLOAD, RetailCRM, encode_form, encode_params, form_body
 from fsbridge.crm.errors import CRMAuthError, CRMError, CRMRejected, CRMUnavailable
 from fsbridge.crm.ratelimit import RateLimiter
 
@@ -14,4 +14,5 @@ __all__ = [
     "RetailCRM",
     "encode_form",
     "encode_params",
+    "form_body",
 ]

@@ -17,7 +17,6 @@ Failures split by what fixes them:
 from __future__ import annotations
 
 import logging
-import random
 import re
 import sqlite3
 import time
@@ -28,7 +27,9 @@ from typing import Any
 import gevent
 import gevent.event
 
+from fsbridge.background import give_way
 from fsbridge.calls.model import FinishedCall
+from fsbridge.crm.backoff import backoff_delay
 from fsbridge.crm.client import MAX_CALLS_PER_UPLOAD, RetailCRM
 from fsbridge.crm.errors import CRMAuthError, CRMError, CRMRejected
 from fsbridge.history.cdr import CdrBuilder
@@ -256,15 +257,13 @@ class Uploader:
 
     def _work(self) -> None:
         while not self._stopping:
-            # Yield between the steps of preparing a batch: the hub then wakes the ESL reader and the
-            # worker whose request slot is due without waiting for the whole batch to be prepared. The
-            # rate limiter spaces requests from when each one actually leaves, so every millisecond a
-            # due worker waits here is lost throughput.
-            gevent.sleep(0)
+            # Between the steps of preparing a batch, everything else that is ready goes first: events,
+            # cards and the worker whose request slot is due do not wait for the whole batch.
+            give_way()
             entries = self.outbox.claim(self.batch_size)
             if not entries:
                 return
-            gevent.sleep(0)
+            give_way()
             try:
                 self._deliver(entries)
             except _Stopping:
@@ -299,7 +298,7 @@ class Uploader:
     def _deliver(self, entries: Sequence[Entry]) -> None:
         items: list[_Item] = []
         for entry in entries:
-            gevent.sleep(0)  # building is background work: cards and events go first
+            give_way()  # building is background work: cards and events go first
             try:
                 items.append(_Item(entry, self.builder.build(entry.call)))
             except Exception as exc:  # a bug or a bad stored call must not block the others
@@ -328,7 +327,7 @@ class Uploader:
 
     def _upload(self, part: list[_Item]) -> CRMRejected | None:
         """Send until the CRM answers about the calls: None when it took them, else its refusal."""
-        delay = self.retry_base
+        failures = 0
         while True:
             if self._stopping:
                 raise _Stopping()
@@ -341,18 +340,18 @@ class Uploader:
                     return exc
                 self.stats.failures += 1
                 self.stats.last_error = str(exc)
+                failures += 1
+                delay = backoff_delay(self.retry_base, failures, self.retry_max)
                 level = logging.ERROR if isinstance(exc, CRMRejected) else logging.WARNING
                 log.log(level, "call history upload of %d call(s) failed, retrying in %.1f s: %s",
                         len(part), delay, exc)
             else:
                 self._confirmed(part, reply)
                 return None
-            # Jitter keeps workers that failed together from retrying together.
-            gevent.sleep(delay / 2 + random.uniform(0, delay / 2))
-            delay = min(self.retry_max, delay * 2)
+            gevent.sleep(delay)
 
     def _confirmed(self, part: list[_Item], reply: dict[str, Any]) -> None:
-        gevent.sleep(0)
+        give_way()
         duplicates = reply.get("duplicateCalls")
         duplicates = duplicates if isinstance(duplicates, list) else []
         self.outbox.mark_sent([item.entry.row for item in part])

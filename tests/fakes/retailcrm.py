@@ -115,8 +115,9 @@ class _Handler(WSGIHandler):
     def handle(self) -> None:
         # Without it every kept-alive reply waits for the client's delayed ACK (~40 ms): a latency the
         # real CRM behind nginx does not add, and one that would swamp fsbridge's own in benchmarks.
-        with contextlib.suppress(OSError):
-            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if getattr(self.server, "nodelay", True):  # FakeRetailCRM.nodelay = False shows that stall
+            with contextlib.suppress(OSError):
+                self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().handle()
 
     def run_application(self) -> None:
@@ -213,6 +214,7 @@ class FakeRetailCRM:
         self.outage: str | None = None  # None | "html502" | "html503" | "timeout" | "reset"
         self.latency = 0.0  # seconds added to every request
         self.manager_latency = 0.0  # seconds added to /telephony/manager only
+        self.nodelay = True  # TCP_NODELAY on accepted connections, as the real CRM's nginx front (set before start)
         # Requests allowed per sliding 1 s window; None disables the limit.
         self.telephony_rate_limit: int | None = 40
         self.general_rate_limit: int | None = 10
@@ -243,6 +245,7 @@ class FakeRetailCRM:
         self._server = WSGIServer(
             (self.host, self.port), self._app, handler_class=_Handler, log=None, error_log=None
         )
+        self._server.nodelay = self.nodelay  # type: ignore[attr-defined]
         self._server.start()
         self.port = self._server.server_port
         return self
@@ -319,6 +322,8 @@ class FakeRetailCRM:
 
         form: dict[str, str] = {}
         if method == "POST":
+            if len(body) > 4096:
+                gevent.idle()  # as above: a long body takes a while to parse
             try:
                 form = self._parse_form(environ, body)
             except _Invalid as exc:
@@ -502,6 +507,10 @@ class FakeRetailCRM:
             )
         errors: dict[str, str] = {}
         for index, call in enumerate(calls):
+            if index % 10 == 0:
+                # The real CRM serves requests side by side: a 50-call upload being validated (~2 ms here)
+                # must not keep the call events arriving meanwhile unread (load benchmarks time those).
+                gevent.idle()
             if not isinstance(call, dict):
                 errors[f"calls[{index}]"] = INVALID
                 continue

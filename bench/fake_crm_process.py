@@ -1,0 +1,122 @@
+"""The strict fake retailCRM (tests/fakes/retailcrm.py) in a process of its own, for the load benchmark.
+
+In the benchmark's own process the fake shared one gevent hub with the FreeSWITCH simulator: whenever the
+simulator wrote a burst of events or the benchmark parsed a scrape, the fake read no request, and that wait
+was counted as fsbridge's latency. Here it reads requests as soon as the kernel has them, and reports what it
+received over a pipe:
+
+  stdout (JSON, one list of records per line, every 0.1 s):
+    ["url", "http://127.0.0.1:PORT"]               once, when listening
+    ["card", received, callExternalId, type]        a call event it accepted (received: time.time())
+    ["refused", path, status]                       a telephony request it answered with an error
+    ["upload", status, received]                    a calls/upload request and its answer
+    ["stored", received, [externalId, ...], dups]   calls an upload stored, and how many it refused as known
+    ["calls", [externalId, ...]]                    every call stored so far (asked with {"calls": true})
+  stdin (JSON, one object per line): {"latency": s}, {"outage": "html503" | ... | null}, {"calls": true};
+    end of input stops it.
+"""
+
+from __future__ import annotations
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
+import gevent  # noqa: E402
+from gevent.fileobject import FileObjectPosix  # noqa: E402
+
+EVENT_PATH = "/api/v5/telephony/call/event"
+UPLOAD_PATH = "/api/v5/telephony/calls/upload"
+
+
+class Reporter:
+    """Turns what the fake recorded into report lines, forgetting it (a long run would pile it up)."""
+
+    def __init__(self, fake: Any, out: Any) -> None:
+        self.fake = fake
+        self.out = out
+        self.unfinished: list[Any] = []
+
+    def flush(self) -> None:
+        fake = self.fake
+        fresh, fake.requests = fake.requests, []
+        records: list[list[Any]] = []
+        keep = []
+        now = time.time()
+        for r in self.unfinished + fresh:
+            if r.status == 0:
+                if now - r.received < 120:  # a reset connection never gets a status
+                    keep.append(r)
+                continue
+            if r.path == EVENT_PATH:
+                if r.status == 200:
+                    event = json.loads(r.form["event"])
+                    records.append(["card", r.received, event["callExternalId"], event["type"]])
+                else:
+                    records.append(["refused", r.path, r.status])
+            elif r.path == UPLOAD_PATH:
+                records.append(["upload", r.status, r.received])
+        self.unfinished = keep
+        for upload in fake.uploads:
+            records.append(["stored", upload.received, [str(c.get("externalId")) for c in upload.calls],
+                            len(upload.duplicates)])
+        fake.uploads.clear()
+        fake.events.clear()
+        if records:
+            self.write(records)
+
+    def write(self, records: list[list[Any]]) -> None:
+        self.out.write(json.dumps(records, separators=(",", ":")).encode() + b"\n")
+        self.out.flush()
+
+    def run(self, interval: float = 0.1) -> None:
+        while True:
+            gevent.sleep(interval)
+            self.flush()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--api-key", required=True)
+    parser.add_argument("--codes", default="100,200")
+    parser.add_argument("--users", default="1,2")
+    parser.add_argument("--sites", default="shop1")
+    parser.add_argument("--nagle", action="store_true", help="leave Nagle on (replies wait for delayed ACKs)")
+    args = parser.parse_args()
+
+    from tests.fakes.retailcrm import FakeRetailCRM
+
+    fake = FakeRetailCRM(api_key=args.api_key, known_codes=args.codes.split(","),
+                         known_user_ids=[int(u) for u in args.users.split(",")], known_sites=args.sites.split(","))
+    # 400 cards/s are ten times retailCRM's limit: these runs measure fsbridge, not the limiter.
+    fake.telephony_rate_limit = None
+    fake.general_rate_limit = None
+    fake.nodelay = not args.nagle
+    fake.start()
+    out = FileObjectPosix(sys.stdout.fileno(), "wb", close=False)
+    reporter = Reporter(fake, out)
+    reporter.write([["url", fake.url]])
+    worker = gevent.spawn(reporter.run)
+    commands = FileObjectPosix(sys.stdin.fileno(), "rb", close=False)
+    for line in commands:
+        command = json.loads(line)
+        if "latency" in command:
+            fake.latency = float(command["latency"])
+        if "outage" in command:
+            fake.outage = command["outage"]
+        if command.get("calls"):
+            reporter.flush()
+            reporter.write([["calls", list(fake.calls)]])
+    worker.kill()
+    reporter.flush()
+    fake.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,15 @@
+"""Retry delays: capped exponential backoff with jitter, one formula for every retry loop in fsbridge."""
+
+from __future__ import annotations
+
+import random
+
+
+def backoff_delay(base: float, failures: int, cap: float) -> float:
+    """Seconds to wait after the `failures`-th failure in a row.
+
+    The ceiling doubles from `base` up to `cap`; the delay is half the ceiling plus a random part of the
+    other half, so greenlets that failed together (every worker during an outage) do not retry together.
+    """
+    ceiling = min(cap, base * 2.0 ** min(max(failures, 1) - 1, 60))
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
