@@ -797,7 +797,9 @@ def main() -> int:
     # Latency.
     outage_from, outage_to = [*outage, math.inf, math.inf][:2]
     loaded = [(sent, lat, kind) for sent, lat, kind in run.latencies if sent >= load_from]
-    kept = [(lat, kind) for sent, lat, kind in loaded if not (outage_from - args.card_max_age <= sent <= outage_to)]
+    kept_sent = [(sent, lat, kind) for sent, lat, kind in loaded
+                 if not (outage_from - args.card_max_age <= sent <= outage_to)]
+    kept = [(lat, kind) for _, lat, kind in kept_sent]
     clean = [lat for lat, _ in kept]
     p50, p99 = pct(clean, 0.5), pct(clean, 0.99)
     slow = args.crm_latency > 0
@@ -818,9 +820,9 @@ def main() -> int:
     req_s = (end_of_load.m.get_sum("fsbridge_crm_request_seconds_sum", endpoint="telephony/call/event")
              - start.m.get_sum("fsbridge_crm_request_seconds_sum", endpoint="telephony/call/event"))
     if not slow:
-        own = [lat for sent, lat, _ in loaded if run.stalled(sent, sent + lat)]
-        rest = [lat for sent, lat, _ in loaded if not run.stalled(sent, sent + lat)]
-        print(f"  {len(own)} cards ({len(own) / max(len(loaded), 1):.1%}) were in flight while this process (the "
+        own = [lat for sent, lat, _ in kept_sent if run.stalled(sent, sent + lat)]
+        rest = [lat for sent, lat, _ in kept_sent if not run.stalled(sent, sent + lat)]
+        print(f"  {len(own)} cards ({len(own) / max(len(kept_sent), 1):.1%}) were in flight while this process (the "
               f"instrument) stalled >= 5 ms; without them p50 {ms(pct(rest, 0.5))}, p99 {ms(pct(rest, 0.99))}")
         took = [s.m.took for s in in_load]
         print(f"  fsbridge's own hub, seen as the time it took to answer /metrics each second: p50 "

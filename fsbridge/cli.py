@@ -14,6 +14,7 @@ log = logging.getLogger("fsbridge")
 
 
 def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
+    import gc
     import signal
 
     import gevent
@@ -27,6 +28,10 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
     # interval, which only matters to the outbox's checkpoint thread.)
     sys.setswitchinterval(0.001)
     bridge = Bridge(cfg)
+    # What exists now (modules, config, the service) lives as long as the process: frozen, it is left out
+    # of the collector's full passes, which it made ~7 ms longer each.
+    gc.collect()
+    gc.freeze()
     bridge.start()
     log.info("fsbridge %s running (FreeSWITCH %s:%s, CRM %s)", __version__, cfg.freeswitch.host,
              cfg.freeswitch.port, cfg.crm.url)

@@ -17,6 +17,8 @@ from fsbridge.record_links import RecordLinks
 from tests import capture
 from tests.fakes.retailcrm import FakeRetailCRM
 
+# Unlike conftest's lab config (both numbers on shop1), the second number belongs to another shop here: the
+# entries below prove that each call's site follows the number it came in on.
 DIRECTORY = Directory(managers=frozenset({"100", "200"}),
                       external_phones={"74999999999": "shop1", "74999999998": "shop2"})
 MANAGERS = {"100": 1, "200": 2}

@@ -303,3 +303,35 @@ def test_claim_decodes_with_the_others_running_and_never_hands_a_row_twice(path:
         assert len(ids) == len(set(ids))
         rest = [e.call.call_id for e in box.claim(50)]
         assert sorted(ids + rest) == sorted([f"call-{n:05d}" for n in range(30)] + ["call-00100"])
+
+
+def test_levels_follow_every_change_without_counting(path: Path) -> None:
+    with Outbox(path) as box:
+        for n in range(5):
+            box.add(make_call(n))
+        box.add(make_call(0))  # the same call again: still one row
+        assert box.levels() == (5, 0)
+        entries = box.claim(3)
+        box.mark_sent([entries[0].row])
+        box.quarantine([entries[1].row, entries[2].row], "refused")
+        assert box.levels() == (2, 2)
+        box.mark_sent([entries[0].row])  # settled twice: counted once
+        assert box.requeue([entries[1].call.call_id]) == 1
+        assert box.levels() == (3, 1)
+        stats = box.stats()
+        assert box.levels() == (stats.pending, stats.quarantined)
+    with Outbox(path) as again:  # counted from the file when opened
+        assert again.levels() == (3, 1)
+
+
+def test_levels_notice_a_requeue_from_another_process_at_the_next_claim(path: Path) -> None:
+    with Outbox(path) as service:
+        for n in range(3):
+            service.add(make_call(n))
+        service.quarantine([e.row for e in service.claim(3)], "refused")
+        assert service.levels() == (0, 3)
+        with Outbox(path) as cli:  # `fsbridge outbox --requeue` while the service runs
+            assert cli.requeue(None) == 3
+        assert service.levels() == (0, 3)  # not seen yet: nothing is counted at scrape time
+        assert len(service.claim(50)) == 3
+        assert service.levels() == (3, 0)

@@ -21,6 +21,7 @@ from tests import capture
 from tests.fakes.retailcrm import FakeRetailCRM, _error, _html, _Invalid, _Reply
 from tests.test_history_cdr import DIRECTORY, MANAGERS
 from tests.test_history_outbox import make_call
+from tests.waiting import until, waited
 
 KEY = "history-test-key"
 BUILDER = CdrBuilder.create("Europe/Moscow", MANAGERS)
@@ -86,15 +87,6 @@ def make_uploader(outbox: Outbox, crm: RetailCRM) -> Iterator[Callable[..., Uplo
         uploader.stop(timeout=1.0)
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> float:
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError("timed out")
-        gevent.sleep(0.01)
-    return time.monotonic() - start
-
-
 def uploads_of(fake: FakeRetailCRM) -> list[list[str]]:
     return [[c["externalId"] for c in u.calls] for u in fake.uploads]
 
@@ -124,13 +116,13 @@ def test_immediate_sends_within_a_second_and_coalesces(fake: FakeRetailCRM, outb
                                                       make_uploader: Callable[..., Uploader]) -> None:
     uploader = make_uploader(linger=0.3)
     uploader.on_finished(make_call(0))
-    assert wait_for(lambda: "call-00000" in fake.calls) < 1.0
+    assert waited(lambda: "call-00000" in fake.calls, timeout=10.0) < 1.0
     assert fake.calls["call-00000"] == BUILDER.build(make_call(0))
 
     # 120 calls end within the linger: three requests, none over 50.
     for n in range(1, 121):
         uploader.on_finished(make_call(n))
-    wait_for(lambda: len(fake.calls) == 121)
+    until(lambda: len(fake.calls) == 121, timeout=10.0)
     assert sorted(len(ids) for ids in uploads_of(fake)[1:]) == [20, 50, 50]
     stored_once(fake, [f"call-{n:05d}" for n in range(121)])
     gevent.sleep(0.1)
@@ -142,7 +134,7 @@ def test_periodic_sends_what_accumulated_each_period(fake: FakeRetailCRM, outbox
     for n in range(3):   # left over from the previous run: sent at start, not a period later
         outbox.add(make_call(n))
     uploader = make_uploader(strategy="periodic", period=1.0)
-    wait_for(lambda: len(fake.calls) == 3, timeout=0.5)
+    until(lambda: len(fake.calls) == 3, timeout=0.5)
     started = time.monotonic()
     for n in range(3, 73):
         uploader.on_finished(make_call(n))
@@ -150,7 +142,7 @@ def test_periodic_sends_what_accumulated_each_period(fake: FakeRetailCRM, outbox
     gevent.sleep(0.3)
     assert len(fake.calls) == 3, "nothing goes out before the period ends"
     assert outbox.stats().pending == 70
-    wait_for(lambda: len(fake.calls) == 73, timeout=2.0)
+    until(lambda: len(fake.calls) == 73, timeout=2.0)
     assert 0.6 < time.monotonic() - started < 1.4
     assert sorted(len(ids) for ids in uploads_of(fake)) == [3, 20, 50]
     stored_once(fake, [f"call-{n:05d}" for n in range(73)])
@@ -175,7 +167,7 @@ def test_outage_then_recovery_delivers_each_call_once(outage: str, fake: FakeRet
     assert outbox.stats().quarantined == 0, "an outage is never the calls' fault"
     fake.outage = None
     # Back within one attempt window plus the capped backoff (0.3 s).
-    assert wait_for(lambda: outbox.stats().pending == 0, timeout=4.0) < 1.0
+    assert waited(lambda: outbox.stats().pending == 0, timeout=4.0) < 1.0
     stored_once(fake, [f"call-{n:05d}" for n in range(70)])
     assert outbox.stats().sent == 70
     assert max_per_second(fake) <= 40
@@ -192,7 +184,7 @@ def test_overload_answers_are_retried(fake: ScriptedCRM, outbox: Outbox,
     ]
     uploader = make_uploader()
     uploader.on_finished(make_call(1))
-    wait_for(lambda: outbox.stats().sent == 1)
+    until(lambda: outbox.stats().sent == 1, timeout=10.0)
     assert fake.script == [] and outbox.stats().quarantined == 0 and "call-00001" in fake.calls
 
 
@@ -206,7 +198,7 @@ def test_refusal_of_the_whole_account_is_retried_not_quarantined(fake: FakeRetai
     assert fake.calls == {} and outbox.stats().quarantined == 0
     assert "apiKey" in (uploader.stats.last_error or "")
     fake.api_key = KEY                    # the admin fixed the key
-    wait_for(lambda: outbox.stats().sent == 5, timeout=3.0)
+    until(lambda: outbox.stats().sent == 5, timeout=3.0)
     assert len(fake.calls) == 5
 
 
@@ -215,7 +207,7 @@ def test_telephony_disabled_is_not_the_calls_fault(fake: ScriptedCRM, outbox: Ou
     fake.script = [_error(400, "Telephony not enabled or not supports calls upload")] * 3
     uploader = make_uploader()
     uploader.on_finished(make_call(1))
-    wait_for(lambda: "call-00001" in fake.calls, timeout=3.0)
+    until(lambda: "call-00001" in fake.calls, timeout=3.0)
     assert outbox.stats().quarantined == 0
 
 
@@ -230,7 +222,7 @@ def test_validation_quarantines_only_the_offending_calls(fake: FakeRetailCRM, ou
     for call in calls:
         outbox.add(call)
     uploader = make_uploader()
-    wait_for(lambda: outbox.stats().pending == 0)
+    until(lambda: outbox.stats().pending == 0, timeout=10.0)
     stored_once(fake, [c.call_id for c in calls if c.call_id not in ("call-00003", "call-00007")])
     assert len(fake.requests) == 2, "one refusal, then the rest in one request"
     reasons = {q.external_id: q.reason for q in outbox.quarantined()}
@@ -250,7 +242,7 @@ def test_refusal_naming_no_call_is_bisected(fake: ScriptedCRM, outbox: Outbox,
     for n in range(40):
         outbox.add(make_call(n, site="closed-shop") if f"call-{n:05d}" in bad else make_call(n))
     make_uploader()
-    wait_for(lambda: outbox.stats().pending == 0)
+    until(lambda: outbox.stats().pending == 0, timeout=10.0)
     stored_once(fake, [f"call-{n:05d}" for n in range(40) if f"call-{n:05d}" not in bad])
     reasons = {q.external_id: q.reason for q in outbox.quarantined()}
     assert set(reasons) == bad
@@ -267,7 +259,7 @@ def test_duplicates_count_as_delivered(fake: FakeRetailCRM, outbox: Outbox,
     for n in range(10):
         outbox.add(make_call(n))
     uploader = make_uploader()
-    wait_for(lambda: outbox.stats().pending == 0)
+    until(lambda: outbox.stats().pending == 0, timeout=10.0)
     assert fake.uploads[0].duplicates == [f"call-{n:05d}" for n in range(0, 10, 2)]
     assert (outbox.stats().sent, outbox.stats().quarantined) == (10, 0)
     assert (uploader.stats.sent, uploader.stats.duplicates) == (10, 5)
@@ -277,10 +269,10 @@ def test_requeued_call_goes_out_after_the_fix(fake: FakeRetailCRM, outbox: Outbo
                                               make_uploader: Callable[..., Uploader]) -> None:
     outbox.add(make_call(1, site="shop2"))
     uploader = make_uploader(poll_interval=0.2)
-    wait_for(lambda: outbox.stats().quarantined == 1)
+    until(lambda: outbox.stats().quarantined == 1, timeout=10.0)
     fake.known_sites.add("shop2")          # the shop was created in the CRM
     assert outbox.requeue(["call-00001"]) == 1
-    wait_for(lambda: uploader.stats.sent == 1, timeout=2.0)
+    until(lambda: uploader.stats.sent == 1, timeout=2.0)
     assert "call-00001" in fake.calls
 
 
@@ -308,7 +300,7 @@ def test_backlog_drains_under_the_rate_limit(fake: FakeRetailCRM, outbox: Outbox
         outbox.add(make_call(n))
     started = time.monotonic()
     make_uploader(concurrency=4)
-    wait_for(lambda: outbox.stats().pending == 0, timeout=10.0)
+    until(lambda: outbox.stats().pending == 0, timeout=10.0)
     elapsed = time.monotonic() - started
     assert fake.rate_limited == 0, "the CRM never had to refuse us for rate"
     assert max_per_second(fake) <= 40
@@ -337,7 +329,7 @@ def test_outbox_write_failure_keeps_the_call_and_the_reader_alive(
     uploader.on_finished(make_call(1))     # must not raise into the ESL reader
     assert uploader.stats.unwritten == 1
     failing = False
-    wait_for(lambda: "call-00001" in fake.calls, timeout=3.0)
+    until(lambda: "call-00001" in fake.calls, timeout=3.0)
     assert uploader.stats.unwritten == 0
 
 
@@ -365,7 +357,7 @@ def test_esl_cut_during_a_call_that_ended_meanwhile(fake: FakeRetailCRM, outbox:
         tracker.handle(event)
     run_tracker(uploader, events)          # even a fresh model reporting the whole call again
     call_id = capture.legs(events)[0]
-    wait_for(lambda: call_id in fake.calls)
+    until(lambda: call_id in fake.calls, timeout=10.0)
     gevent.sleep(0.3)
     stored_once(fake, [call_id])
     assert fake.calls[call_id]["result"] == "answered" and fake.calls[call_id]["code"] == "100"
@@ -381,7 +373,7 @@ def test_esl_cut_during_a_call_that_is_still_up(fake: FakeRetailCRM, outbox: Out
     assert tracker.reconcile(live=set(legs), snapshot=tracker.seen) == 0
     for event in events[bridged + 1:]:
         tracker.handle(event)
-    wait_for(lambda: legs[0] in fake.calls)
+    until(lambda: legs[0] in fake.calls, timeout=10.0)
     gevent.sleep(0.3)
     stored_once(fake, [legs[0]])
     assert {k: fake.calls[legs[0]][k] for k in ("duration", "durationWaiting", "result")} == \
@@ -402,7 +394,7 @@ def test_freeswitch_restart_closes_every_call_once(fake: FakeRetailCRM, outbox: 
         ids.append(capture.legs(events)[0])
     # FreeSWITCH came back with a new Core-UUID and no channels.
     assert tracker.reconcile(live=set(), snapshot=tracker.seen) == 6
-    wait_for(lambda: len(fake.calls) == 3)
+    until(lambda: len(fake.calls) == 3, timeout=10.0)
     gevent.sleep(0.3)
     stored_once(fake, ids)
     assert all(c["result"] != "answered" for c in fake.calls.values()), "nobody talked before the restart"
@@ -443,6 +435,6 @@ def test_health_hooks(fake: FakeRetailCRM, outbox: Outbox, make_uploader: Callab
     assert (status["pending"], status["quarantined"], status["sent"]) == (1, 0, 0)
     assert status["last_error"], "the outage shows on the status page"
     fake.outage = None
-    wait_for(lambda: uploader.oldest_pending_age() is None, timeout=3.0)
+    until(lambda: uploader.oldest_pending_age() is None, timeout=3.0)
     uploader.stop()
     assert not uploader.alive

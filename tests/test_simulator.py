@@ -21,7 +21,7 @@ from pathlib import Path
 import gevent
 import pytest
 
-from tests.fakes.freeswitch import FreeSwitchSimulator, PlayedCall
+from tests.fakes.freeswitch import ORIGINATE_USAGE, FreeSwitchSimulator, PlayedCall
 
 ESL = Path(__file__).parent / "fixtures" / "esl"
 UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -617,3 +617,23 @@ def test_rate_and_recorded_speed(sim: FreeSwitchSimulator) -> None:
     started = time.monotonic()
     sim.play("inbound_busy", speed=10.0)  # 1.94 s recorded
     assert 0.15 <= time.monotonic() - started < 1.0
+
+
+@pytest.mark.parametrize(("args", "answer"), [
+    ("user/100", ORIGINATE_USAGE),  # no destination
+    ("user/100 &park() XML default a b 30 extra", ORIGINATE_USAGE),  # more than 7 words
+    ("{origination_uuid=x}nosuch/100 &park()", "-ERR CHAN_NOT_IMPLEMENTED\n"),
+])
+def test_originate_refuses_arguments_freeswitch_would_refuse(sim: FreeSwitchSimulator, args: str,
+                                                             answer: str) -> None:
+    sim.originate_plays = "outbound_originate_answered"  # not played: nothing was started
+    client = Client(sim)
+    assert client.command(f"api originate {args}") == answer
+    assert sim.live_channels == set()
+
+
+def test_originate_words_in_quotes_stay_one_word(sim: FreeSwitchSimulator) -> None:
+    leg = str(uuid.uuid4())
+    args = (f"{{origination_uuid={leg},execute_on_answer='record_session /tmp/{leg}.wav'}}user/100 "
+            "&bridge({fsbridge_click=true}sofia/gateway/gw/79121234567)")
+    assert Client(sim).command(f"api originate {args}") == f"+OK {leg}\n"

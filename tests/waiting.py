@@ -20,3 +20,10 @@ def until(check: Callable[[], T], timeout: float = 5.0, what: str = "condition")
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         gevent.sleep(0.01)
+
+
+def waited(check: Callable[[], object], timeout: float = 5.0, what: str = "condition") -> float:
+    """Seconds until `check` held: for "it happened within ..." assertions."""
+    start = time.monotonic()
+    until(check, timeout, what)
+    return time.monotonic() - start

@@ -382,12 +382,12 @@ class Uploader:
         return None if oldest is None else max(0.0, time.time() - oldest)
 
     def status(self) -> dict[str, Any]:
-        outbox = self.outbox.stats(count_sent=False)
-        age = outbox.oldest_pending_age()
+        pending, quarantined = self.outbox.levels()
+        age = self.oldest_pending_age()
         return {
             "strategy": self.strategy,
-            "pending": outbox.pending,
-            "quarantined": outbox.quarantined,
+            "pending": pending,
+            "quarantined": quarantined,
             "oldest_pending_seconds": None if age is None else round(age, 1),
             "sent": self.stats.sent,
             "duplicates": self.stats.duplicates,

@@ -16,13 +16,12 @@ import shutil
 import socket
 import struct
 import subprocess
-import time
 import wave
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import gevent
+from tests.waiting import until
 
 ROOT = Path(__file__).resolve().parents[2]
 E2E_CONF = ROOT / "tests" / "e2e" / "freeswitch"
@@ -293,7 +292,7 @@ class SippFactory:
         if transfer_to:
             argv += ["-key", "transfer_to", transfer_to]
         sipp = self._start(name, argv)
-        wait_for(lambda: udp_port_taken(port) or sipp.proc.poll() is not None, 5.0, f"SIPp {name} to listen")
+        until(lambda: udp_port_taken(port) or sipp.proc.poll() is not None, 5.0, f"SIPp {name} to listen")
         if sipp.proc.poll() is not None:
             raise AssertionError(f"SIPp {name} did not start\n{sipp.logs()}")
         return sipp
@@ -313,14 +312,6 @@ class SippFactory:
 
     def logs(self) -> str:
         return "\n".join(s.logs() for s in self.running)
-
-
-def wait_for(check, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        gevent.sleep(0.05)
 
 
 # -- the customer's voice -------------------------------------------------------------------------

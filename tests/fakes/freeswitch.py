@@ -87,6 +87,44 @@ _LOG_LEVELS = {
     "info": 6, "debug": 7,
 }  # fmt: skip
 _ORIGINATION_UUID_RE = re.compile(r"origination_uuid\s*=\s*'?([0-9A-Za-z-]+)")
+# mod_commands.c: what `originate` answers when its arguments do not split into 2 to 7 words.
+ORIGINATE_USAGE = ("-USAGE: <call url> <exten>|&<application_name>(<app_args>) [<dialplan>] [<context>] "
+                   "[<cid_name>] [<cid_num>] [<timeout_sec>]\n")
+# Endpoints the lab PBX has loaded; any other dial string fails as FreeSWITCH fails it.
+_ENDPOINTS = ("user/", "sofia/", "loopback/", "error/")
+_LEADING_VARS_RE = re.compile(r"^(?:\{[^{}]*\}|<[^<>]*>|\[[^\[\]]*\])*")
+
+
+def _split_words(text: str) -> list[str]:
+    """switch_separate_string(.., ' ', ..): words split on spaces, except inside single or double quotes."""
+    words, word, quote = [], [], ""
+    for ch in text:
+        if quote:
+            word.append(ch)
+            if ch == quote:
+                quote = ""
+        elif ch in "'\"":
+            word.append(ch)
+            quote = ch
+        elif ch == " ":
+            if word:
+                words.append("".join(word))
+                word = []
+        else:
+            word.append(ch)
+    if word:
+        words.append("".join(word))
+    return words
+
+
+def _originate_refusal(args: str) -> str | None:
+    """What FreeSWITCH answers instead of starting a call, for arguments it cannot use; None if usable."""
+    words = _split_words(args)
+    if not 2 <= len(words) <= 7:
+        return ORIGINATE_USAGE
+    if not _LEADING_VARS_RE.sub("", words[0]).startswith(_ENDPOINTS):
+        return "-ERR CHAN_NOT_IMPLEMENTED\n"
+    return None
 _PACKET_END_RE = re.compile(rb"\n\r*\n")
 
 
@@ -1152,8 +1190,9 @@ class FreeSwitchSimulator:
     def _originate(self, args: str, job_uuid: str | None) -> Originate:
         match = _ORIGINATION_UUID_RE.search(args)
         leg = match.group(1) if match else str(uuid.uuid4())
-        ok = self.originate_result.startswith("+OK")
-        result = f"+OK {leg}\n" if ok else f"{self.originate_result.rstrip()}\n"
+        refusal = _originate_refusal(args)
+        ok = refusal is None and self.originate_result.startswith("+OK")
+        result = f"+OK {leg}\n" if ok else (refusal or f"{self.originate_result.rstrip()}\n")
         record = Originate(job_uuid=job_uuid, args=args, uuid=leg, result=result)
         self.originates.append(record)
         scenario = load_scenario(self.originate_plays) if ok and self.originate_plays else None
