@@ -694,7 +694,8 @@ def main() -> int:
     try:
         fsb.wait_ready()
         sim.wait_for_subscriber(timeout=30)
-        print(f"fsbridge pid {fsb.pid} (python -m fsbridge run), simulator and fake CRM in pid {os.getpid()}; "
+        print(f"fsbridge pid {fsb.pid} (python -m fsbridge run), simulator pid {os.getpid()}, fake CRM pid "
+              f"{crm.proc.pid}; "
               f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start")
         pacing = f"{args.telephony_rate:g}/s" if args.telephony_rate else "0 (no pacing)"
         print(f"crm.telephony_rate {pacing} and the fake CRM's rate limits off "
@@ -831,12 +832,14 @@ def main() -> int:
                                  end_of_load.m.buckets("fsbridge_hub_blocked_seconds"), q) for q in (0.5, 0.99, 0.999)]
         print(f"  fsbridge_hub_blocked_seconds over the load: p50 {ms(blocked[0])}, p99 {ms(blocked[1])}, "
               f"p99.9 {ms(blocked[2])}; garbage collections: " + ", ".join(
-                  f"gen {g} {n:.0f}x, {ms(t / n) if n else 'n/a'} each"
+                  f"gen {g} {n:.0f}x, {ms(t / n) if n else 'n/a'} each, {c:.0f} cyclic objects freed"
                   for g in "012"
-                  for n, t in [(end_of_load.m.get_sum("fsbridge_gc_pause_seconds_count", generation=g)
-                                - start.m.get_sum("fsbridge_gc_pause_seconds_count", generation=g),
-                                end_of_load.m.get_sum("fsbridge_gc_pause_seconds_sum", generation=g)
-                                - start.m.get_sum("fsbridge_gc_pause_seconds_sum", generation=g))]))
+                  for n, t, c in [(end_of_load.m.get_sum("fsbridge_gc_pause_seconds_count", generation=g)
+                                   - start.m.get_sum("fsbridge_gc_pause_seconds_count", generation=g),
+                                   end_of_load.m.get_sum("fsbridge_gc_pause_seconds_sum", generation=g)
+                                   - start.m.get_sum("fsbridge_gc_pause_seconds_sum", generation=g),
+                                   end_of_load.m.get_sum("python_gc_objects_collected_total", generation=g)
+                                   - start.m.get_sum("python_gc_objects_collected_total", generation=g))]))
     if req_n:
         print(f"  mean: {ms(sum(clean) / max(len(clean), 1))}, of which the HTTP request as fsbridge times it "
               f"(fsbridge_crm_request_seconds, until the reply): {ms(req_s / req_n)} over {req_n:.0f} requests")

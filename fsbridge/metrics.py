@@ -13,7 +13,15 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -57,6 +65,10 @@ class Metrics:
                             ["route", "status"], registry=r)
         self.http_bytes = Counter("fsbridge_http_sent_bytes_total", "Bytes sent (head and body), by route",
                                   ["route"], registry=r)
+        # The standard process and garbage-collector families (process_cpu_seconds_total,
+        # process_resident_memory_bytes, process_open_fds, python_gc_*): what a months-long run is watched by.
+        ProcessCollector(registry=r)
+        GCCollector(registry=r)
         self.up_since = Gauge("fsbridge_start_time_seconds", "When this fsbridge process started", registry=r)
         self.up_since.set(time.time())
         self._event_children: dict[str, Any] = {}
