@@ -57,6 +57,11 @@ _RETRYABLE_4XX = frozenset({408, 425, 429})
 _MAX_MESSAGE = 400
 
 
+class _NotSent(CRMUnavailable):
+    """The deadline came before a request could go out: after a failed attempt, that attempt's error is
+    the one worth reporting (an outage's 502 page, not the rate limiter that had no slot left)."""
+
+
 class _DeadlineHit(Exception):
     """Raised by gevent.Timeout inside one attempt; private so an outer Timeout is never swallowed."""
 
@@ -311,11 +316,17 @@ class RetailCRM:
         body = form_body(encode_form(form)) if form is not None else None
 
         tried = 0
+        failed: CRMUnavailable | None = None
         while True:
             tried += 1
             try:
                 return self._attempt(method, path, limiter, query, body, deadline)
+            except _NotSent:
+                if failed is None:
+                    raise
+                raise failed from None
             except CRMUnavailable as exc:
+                failed = exc
                 if attempts is not None and tried >= attempts:
                     # Debug only: callers report failures their own way (aggregated: during an outage
                     # every card fails, and a line each would flood the log).
@@ -344,13 +355,13 @@ class RetailCRM:
         deadline: float | None,
     ) -> tuple[int, dict[str, Any]]:
         if limiter is not None and not limiter.acquire(deadline):
-            raise CRMUnavailable(None, "no request slot under the client rate limit before the deadline")
+            raise _NotSent(None, "no request slot under the client rate limit before the deadline")
         connect_timeout, read_timeout = self.connect_timeout, self.timeout
         remaining: float | None = None
         if deadline is not None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise CRMUnavailable(None, "deadline passed before the request was sent")
+                raise _NotSent(None, "deadline passed before the request was sent")
             connect_timeout = min(connect_timeout, remaining)
             read_timeout = min(read_timeout, remaining)
         target = self._path_prefix + path
