@@ -2,16 +2,17 @@
 
 In the benchmark's own process the fake shared one gevent hub with the FreeSWITCH simulator: whenever the
 simulator wrote a burst of events or the benchmark parsed a scrape, the fake read no request, and that wait
-was counted as fsbridge's latency. Here it reads requests as soon as the kernel has them, and reports what it
-received over a pipe:
+was counted as fsbridge's latency. Here only its own work delays its reads (it runs on the simulator's CPU,
+beside it, not on its hub; it reports its own hub lag), and it reports what it received over a pipe:
 
   stdout (JSON, one list of records per line, every 0.1 s):
     ["url", "http://127.0.0.1:PORT"]               once, when listening
     ["card", received, callExternalId, type]        a call event it accepted (received: time.time())
-    ["refused", path, status]                       a telephony request it answered with an error
+    ["refused", path, status]                       a call event it answered with an error
     ["upload", status, received]                    a calls/upload request and its answer
     ["stored", received, [externalId, ...], dups]   calls an upload stored, and how many it refused as known
-    ["calls", [externalId, ...]]                    every call stored so far (asked with {"calls": true})
+    ["lag", [p50, p99, max]]                        its own hub lag in seconds (5 ms timer), then ...
+    ["calls", [externalId, ...]]                    every call stored so far (both asked with {"calls": true})
   stdin (JSON, one object per line): {"latency": s}, {"outage": "html503" | ... | null}, {"calls": true};
     end of input stops it.
 """
@@ -29,6 +30,7 @@ import time  # noqa: E402
 from typing import Any  # noqa: E402
 
 import gevent  # noqa: E402
+import gevent.lock  # noqa: E402
 from gevent.fileobject import FileObjectPosix  # noqa: E402
 
 EVENT_PATH = "/api/v5/telephony/call/event"
@@ -36,14 +38,29 @@ UPLOAD_PATH = "/api/v5/telephony/calls/upload"
 
 
 class Reporter:
-    """Turns what the fake recorded into report lines, forgetting it (a long run would pile it up)."""
+    """Turns what the fake recorded into report lines, forgetting it (a long run would pile it up).
+
+    One writer at a time (a lock): the periodic flush and the answer to a command must not interleave
+    their lines, and a line is never cut, since nothing is killed while it writes."""
 
     def __init__(self, fake: Any, out: Any) -> None:
         self.fake = fake
         self.out = out
         self.unfinished: list[Any] = []
+        self.lock = gevent.lock.Semaphore()
+        self.stopped = False
+        self.lags: list[float] = []  # this process's hub lag, 5 ms timer (its stalls delay what it reads)
 
-    def flush(self) -> None:
+    def flush(self, *extra: list[Any]) -> None:
+        """Report what arrived since the last flush, then `extra` records, in one ordered write."""
+        with self.lock:
+            records = self._take()
+            records.extend(extra)
+            if records:
+                self.out.write(json.dumps(records, separators=(",", ":")).encode() + b"\n")
+                self.out.flush()
+
+    def _take(self) -> list[list[Any]]:
         fake = self.fake
         fresh, fake.requests = fake.requests, []
         records: list[list[Any]] = []
@@ -68,17 +85,18 @@ class Reporter:
                             len(upload.duplicates)])
         fake.uploads.clear()
         fake.events.clear()
-        if records:
-            self.write(records)
-
-    def write(self, records: list[list[Any]]) -> None:
-        self.out.write(json.dumps(records, separators=(",", ":")).encode() + b"\n")
-        self.out.flush()
+        return records
 
     def run(self, interval: float = 0.1) -> None:
-        while True:
+        while not self.stopped:
             gevent.sleep(interval)
             self.flush()
+
+    def watch_lag(self) -> None:
+        while not self.stopped:
+            t = time.perf_counter()
+            gevent.sleep(0.005)
+            self.lags.append(time.perf_counter() - t - 0.005)
 
 
 def main() -> None:
@@ -101,8 +119,8 @@ def main() -> None:
     fake.start()
     out = FileObjectPosix(sys.stdout.fileno(), "wb", close=False)
     reporter = Reporter(fake, out)
-    reporter.write([["url", fake.url]])
-    worker = gevent.spawn(reporter.run)
+    reporter.flush(["url", fake.url])
+    workers = [gevent.spawn(reporter.run), gevent.spawn(reporter.watch_lag)]
     commands = FileObjectPosix(sys.stdin.fileno(), "rb", close=False)
     for line in commands:
         command = json.loads(line)
@@ -111,9 +129,11 @@ def main() -> None:
         if "outage" in command:
             fake.outage = command["outage"]
         if command.get("calls"):
-            reporter.flush()
-            reporter.write([["calls", list(fake.calls)]])
-    worker.kill()
+            lags = sorted(reporter.lags)
+            reporter.flush(["lag", [lags[len(lags) // 2], lags[int(len(lags) * 0.99)], lags[-1]] if lags else []],
+                           ["calls", list(fake.calls)])
+    reporter.stopped = True
+    gevent.joinall(workers)
     reporter.flush()
     fake.stop()
 

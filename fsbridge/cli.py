@@ -25,7 +25,8 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
     # gevent runs ready greenlets for up to the switch interval before it looks for I/O again. At the
     # default 5 ms, greenlets taking turns (the ESL reader working through a burst, history batches) kept
     # card replies and new events unread for up to 5 ms; 1 ms bounds that wait. (It is also the GIL's
-    # interval, which only matters to the outbox's checkpoint thread.)
+    # interval, which matters only while a worker thread runs: the outbox checkpoint, DNS lookups, the
+    # manager-status file.)
     sys.setswitchinterval(0.001)
     bridge = Bridge(cfg)
     # What exists now (modules, config, the service) lives as long as the process: frozen, it is left out

@@ -2,8 +2,8 @@
 
 Counters are bumped where things happen (cheaply: label children are cached, so the ESL
 reading path pays a dict lookup and an increment). Levels that already exist as state
-(queue depths, calls tracked, the outbox) are read at scrape time by a collector instead
-of being mirrored.
+(queue depths, calls tracked, the outbox's counts) are read at scrape time by a collector
+instead of being mirrored here.
 """
 
 from __future__ import annotations

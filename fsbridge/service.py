@@ -186,15 +186,21 @@ class Bridge:
     # -- lifecycle --
 
     def start(self) -> None:
-        self.hub_watch.start()
         self.http.start()
         self.cards.start()
         self.history.start()
         self.listener.start()
         self._periodic = gevent.spawn(self._reconcile_periodically)
+        self.hub_watch.start()  # last: nothing to undo if an earlier start fails (the port is taken)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop taking events, then flush what can be flushed within `timeout`; the outbox keeps the rest."""
+        try:
+            self._stop(timeout)
+        finally:
+            self.hub_watch.stop()
+
+    def _stop(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         if self._periodic is not None:
             self._periodic.kill()
@@ -202,15 +208,14 @@ class Bridge:
         self.cards.stop(max(0.0, deadline - time.monotonic()) / 2)
         # Give the history a last chance to go out now rather than at the next start.
         self.history.wake()
-        while self.history.outbox.pending() and self.history.alive and time.monotonic() < deadline - 1.0:
+        while self.history.outbox.levels()[0] and self.history.alive and time.monotonic() < deadline - 1.0:
             gevent.sleep(0.05)
         self.history.stop(max(0.5, deadline - time.monotonic()))
-        pending = self.history.outbox.pending()
+        pending = self.history.outbox.levels()[0]
         self.history.outbox.close()
         self.http.stop(1.0)
         self._encoders.join(timeout=5.0)  # an MP3 half written is removed by to_mp3 itself
         self.recordings.close()
-        self.hub_watch.stop()
         log.info("stopped%s", f"; {pending} call(s) wait in the outbox for the next start" if pending else "")
 
     def _reconcile_periodically(self) -> None:

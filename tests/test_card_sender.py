@@ -9,7 +9,7 @@ import gevent
 import pytest
 
 from fsbridge.calls.model import CallEvent
-from fsbridge.crm import card_sender, client
+from fsbridge.crm import backoff, card_sender, client
 from fsbridge.crm.card_sender import CardSender
 from fsbridge.crm.client import RetailCRM
 from tests.conftest import API_KEY
@@ -125,15 +125,16 @@ def test_one_slow_delivery_does_not_shut_out_the_cards_after_it(fake_crm) -> Non
 
 def test_card_held_through_an_outage_goes_out_soon_after_the_crm_returns(
         fake_crm, monkeypatch: pytest.MonkeyPatch) -> None:
-    # A steeper ramp than the real 25 ms start, so that three seconds of outage reach delays of 1.6-3.2 s:
-    # with the general 5 s cap, the worker would still be asleep when the CRM comes back.
+    # A steeper ramp than the real 25 ms start: tries at 0, 0.2, 0.6 and 1.4 s, then (with the general 5 s
+    # cap) at 3.0 s, long after the CRM is back at 1.5 s; with the cards' cap, at 1.6 s.
     monkeypatch.setattr(client, "TELEPHONY_BACKOFF_BASE", 0.2)
+    monkeypatch.setattr(backoff.random, "uniform", lambda low, high: high)  # every wait its full ceiling
     fake_crm.outage = "html503"
     sender = CardSender(RetailCRM(fake_crm.url, API_KEY, telephony_rate=0), workers=1)
     sender.start()
     try:
         sender.submit(card("in", "a"))
-        gevent.sleep(3.0)
+        gevent.sleep(1.5)
         assert sender.sent == 0
         fake_crm.outage = None
         back = time.monotonic()

@@ -324,14 +324,42 @@ def test_levels_follow_every_change_without_counting(path: Path) -> None:
         assert again.levels() == (3, 1)
 
 
-def test_levels_notice_a_requeue_from_another_process_at_the_next_claim(path: Path) -> None:
+def test_levels_notice_what_another_process_wrote(path: Path) -> None:
     with Outbox(path) as service:
         for n in range(3):
             service.add(make_call(n))
         service.quarantine([e.row for e in service.claim(3)], "refused")
         assert service.levels() == (0, 3)
         with Outbox(path) as cli:  # `fsbridge outbox --requeue` while the service runs
-            assert cli.requeue(None) == 3
-        assert service.levels() == (0, 3)  # not seen yet: nothing is counted at scrape time
-        assert len(service.claim(50)) == 3
-        assert service.levels() == (3, 0)
+            assert cli.requeue([make_call(0).call_id]) == 1
+        assert service.levels() == (1, 2)
+        with Outbox(path) as other:  # a second fsbridge on the same file
+            other.add(make_call(7))
+        assert service.levels() == (2, 2)
+        service.mark_sent([e.row for e in service.claim(50)])
+        assert service.levels() == (0, 2)
+
+
+def test_a_claim_that_cannot_quarantine_an_unreadable_row_keeps_nothing_claimed(path: Path) -> None:
+    with Outbox(path) as box:
+        for n in range(3):
+            box.add(make_call(n))
+        box._db.execute("UPDATE calls SET payload = 'not json' WHERE external_id = 'call-00001'")
+        box.quarantine = lambda rows, reason: (_ for _ in ()).throw(sqlite3.OperationalError("database is locked"))
+        with pytest.raises(sqlite3.OperationalError):
+            box.claim(50)
+        del box.quarantine  # the file works again
+        assert sorted(e.call.call_id for e in box.claim(50)) == ["call-00000", "call-00002"]
+
+
+def test_a_claim_killed_while_it_decodes_gives_its_rows_back(path: Path) -> None:
+    import gevent
+
+    with Outbox(path) as box:
+        for n in range(30):
+            box.add(make_call(n))
+        claiming = gevent.spawn(box.claim, 30)
+        gevent.sleep(0)  # it has taken the rows and gives way after the first ten
+        assert box.claim(50) == []  # ... so they are its own
+        claiming.kill()  # a stop
+        assert len(box.claim(50)) == 30

@@ -11,7 +11,7 @@ import gevent
 T = TypeVar("T")
 
 
-def until(check: Callable[[], T], timeout: float = 5.0, what: str = "condition") -> T:
+def until(check: Callable[[], T], timeout: float = 5.0, what: str = "condition", every: float = 0.01) -> T:
     deadline = time.monotonic() + timeout
     while True:
         value = check()
@@ -19,7 +19,7 @@ def until(check: Callable[[], T], timeout: float = 5.0, what: str = "condition")
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        gevent.sleep(0.01)
+        gevent.sleep(every)
 
 
 def waited(check: Callable[[], object], timeout: float = 5.0, what: str = "condition") -> float:

@@ -169,12 +169,11 @@ class Outbox:
         # nothing is in flight, so every unsettled row is simply pending again.
         self._inflight: set[int] = set()
         # Pending and quarantined rows, kept by this process's own writes: counting them at every /metrics
-        # scrape took 57 ms of the hub with 1.5 million calls pending (a long CRM outage). Counted once
-        # here; see claim() for how rows changed by another process (`fsbridge outbox --requeue`) show up.
+        # scrape took 57 ms of the hub with 1.5 million calls pending (a long CRM outage). Counted here,
+        # and again only when another process has written to the file (levels()).
+        self._pending = self._quarantined = self._data_version = 0
         with self._lock:
-            self._pending, self._quarantined = (
-                self._db.execute(f"SELECT count(*) FROM calls WHERE state = {state}").fetchone()[0]
-                for state in (PENDING, QUARANTINED))
+            self._recount()
         self._checkpointer: Any = None
         if checkpoint_interval is not None:
             self._start_checkpoints(checkpoint_interval, busy_timeout)
@@ -251,11 +250,6 @@ class Outbox:
             asked = limit + len(self._inflight)
             rows = self._db.execute(
                 "SELECT id, payload, added FROM calls WHERE state = 0 ORDER BY id LIMIT ?", (asked,)).fetchall()
-            if len(rows) < asked:
-                # Every pending row is in hand: the count is exact again. Rows pending beyond what this
-                # process wrote were re-queued from outside, out of the quarantine.
-                self._quarantined = max(0, self._quarantined - max(0, len(rows) - self._pending))
-                self._pending = len(rows)
             taken = [r for r in rows if r[0] not in self._inflight][:limit]
             self._inflight.update(r[0] for r in taken)
         # Decoded out of the lock, other greenlets running in between: a batch of 50 took ~1 ms in one go,
@@ -270,11 +264,13 @@ class Outbox:
                     entries.append(Entry(row, decode_call(payload), added))
                 except (ValueError, TypeError) as exc:
                     broken.append((row, f"stored call unreadable: {exc}"))
+            for row, reason in broken:
+                self.quarantine([row], reason)
         except BaseException:
-            self.release(r[0] for r in taken)  # killed meanwhile (a stop): the rows stay pending, unclaimed
+            # Killed meanwhile (a stop), or the file refused the quarantine (locked, disk full): the rows
+            # stay pending and unclaimed, for the next claim.
+            self.release(r[0] for r in taken)
             raise
-        for row, reason in broken:
-            self.quarantine([row], reason)
         return entries
 
     def release(self, rows: Iterable[int]) -> None:
@@ -344,9 +340,20 @@ class Outbox:
         self._pending += count
         self._quarantined = max(0, self._quarantined - count)
 
+    def _recount(self) -> None:
+        """Count from the file (caller holds the lock)."""
+        self._data_version = self._db.execute("PRAGMA data_version").fetchone()[0]
+        self._pending, self._quarantined = (
+            self._db.execute(f"SELECT count(*) FROM calls WHERE state = {state}").fetchone()[0]
+            for state in (PENDING, QUARANTINED))
+
     def levels(self) -> tuple[int, int]:
-        """(pending, quarantined) without a query: for metrics, scraped while calls flow."""
-        return self._pending, self._quarantined
+        """(pending, quarantined) for metrics, scraped while calls flow: kept in memory, counted again only
+        after another process wrote to the file (`fsbridge outbox --requeue`; SQLite's data_version)."""
+        with self._lock:
+            if self._db.execute("PRAGMA data_version").fetchone()[0] != self._data_version:
+                self._recount()
+            return self._pending, self._quarantined
 
     def pending(self) -> int:
         with self._lock:

@@ -263,8 +263,8 @@ class Uploader:
             entries = self.outbox.claim(self.batch_size)
             if not entries:
                 return
-            give_way()
             try:
+                give_way()
                 self._deliver(entries)
             except _Stopping:
                 return
@@ -351,12 +351,13 @@ class Uploader:
             gevent.sleep(delay)
 
     def _confirmed(self, part: list[_Item], reply: dict[str, Any]) -> None:
-        give_way()
+        # Marked at once: a stop or a crash between the CRM's answer and the mark means a re-send.
+        self.outbox.mark_sent([item.entry.row for item in part])
         duplicates = reply.get("duplicateCalls")
         duplicates = duplicates if isinstance(duplicates, list) else []
-        self.outbox.mark_sent([item.entry.row for item in part])
         self.stats.sent += len(part)
         self.stats.duplicates += len(duplicates)
+        give_way()
         self.stats.last_success = time.time()
         processed = reply.get("processedCallsCount")
         if isinstance(processed, int) and processed + len(duplicates) != len(part):

@@ -292,7 +292,8 @@ class SippFactory:
         if transfer_to:
             argv += ["-key", "transfer_to", transfer_to]
         sipp = self._start(name, argv)
-        until(lambda: udp_port_taken(port) or sipp.proc.poll() is not None, 5.0, f"SIPp {name} to listen")
+        # Not too often: the probe binds the very port SIPp is about to bind.
+        until(lambda: udp_port_taken(port) or sipp.proc.poll() is not None, 5.0, f"SIPp {name} to listen", 0.05)
         if sipp.proc.poll() is not None:
             raise AssertionError(f"SIPp {name} did not start\n{sipp.logs()}")
         return sipp

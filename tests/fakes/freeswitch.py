@@ -96,17 +96,22 @@ _LEADING_VARS_RE = re.compile(r"^(?:\{[^{}]*\}|<[^<>]*>|\[[^\[\]]*\])*")
 
 
 def _split_words(text: str) -> list[str]:
-    """switch_separate_string(.., ' ', ..): words split on spaces, except inside single or double quotes."""
-    words, word, quote = [], [], ""
+    """switch_separate_string(.., ' ', ..): words split on spaces, except inside single quotes; a backslash
+    keeps the next character from counting."""
+    words: list[str] = []
+    word: list[str] = []
+    quoted = escaped = False
     for ch in text:
-        if quote:
+        if escaped:
             word.append(ch)
-            if ch == quote:
-                quote = ""
-        elif ch in "'\"":
+            escaped = False
+        elif ch == "\\":
             word.append(ch)
-            quote = ch
-        elif ch == " ":
+            escaped = True
+        elif ch == "'":
+            word.append(ch)
+            quoted = not quoted
+        elif ch == " " and not quoted:
             if word:
                 words.append("".join(word))
                 word = []
