@@ -69,6 +69,9 @@ def _secret(min_len: int) -> Callable[[Any], str]:
         text = _nonempty(value)
         if len(text) < min_len:
             raise ValueError(f"expected at least {min_len} characters (it is a secret)")
+        # Secrets travel in HTTP headers and ESL command lines, which carry ASCII only.
+        if not (text.isascii() and text.isprintable()):
+            raise ValueError("expected printable ASCII characters only")
         return text
     return check
 
@@ -101,6 +104,10 @@ def _host(value: Any) -> str:
 
 def _url(value: Any) -> str:
     text = _nonempty(value).rstrip("/")
+    if not text.isascii() or any(c.isspace() or not c.isprintable() for c in text):
+        # It goes into request lines and Host headers as is: an internationalised domain in its xn-- form.
+        raise ValueError("expected an http(s) URL of ASCII characters without spaces "
+                         "(an internationalised domain in its xn-- form)")
     parts = urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
         raise ValueError("expected an http(s) URL such as https://example.retailcrm.ru")
@@ -240,8 +247,9 @@ class CrmSettings:
     card_workers: int = setting(
         8, "Concurrent deliveries of call events (8 keep retailCRM's 40 requests/s even at 200 ms a request)",
         _number(1, 64, int))
-    card_queue_size: int = setting(10000, "Call events waiting per worker before new ones are refused (counted)",
-                                   _number(10, 1_000_000, int))
+    card_queue_size: int = setting(
+        10000, "Call events waiting per worker; when full, the oldest makes room (counted as queue_full)",
+        _number(10, 1_000_000, int))
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 
 STATUSES = frozenset({"free", "busy", "dinner", "break"})
 DEFAULT_STATUS = "free"  # what the CRM assumes of a manager it never told us about
-CODE_RE = EXTENSION_RE
 USER_ID_RE = re.compile(r"[0-9]{1,20}")
 
 
@@ -50,7 +49,7 @@ class ManagerStatus:
             return {
                 code: dict(entry)
                 for code, entry in managers.items()
-                if CODE_RE.fullmatch(code) and isinstance(entry, dict) and entry.get("status") in STATUSES
+                if EXTENSION_RE.fullmatch(code) and isinstance(entry, dict) and entry.get("status") in STATUSES
             }
         except (ValueError, KeyError, TypeError, AttributeError):
             # Starting with everyone "free" beats not starting; keep the bad file for a human to look at.
@@ -90,7 +89,7 @@ class ManagerStatus:
 
     def set(self, code: str, status: str, user_id: str | None = None) -> None:
         """Remember `status` for extension `code` (persisted before returning)."""
-        if not isinstance(code, str) or CODE_RE.fullmatch(code) is None:
+        if not isinstance(code, str) or EXTENSION_RE.fullmatch(code) is None:
             raise ValueError("manager code must be 1-16 digits")
         if status not in STATUSES:
             raise ValueError(f"status must be one of {sorted(STATUSES)}")

@@ -76,7 +76,12 @@ def to_mp3(
     if encoder not in ENCODERS:
         raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
     src = Path(wav_path).absolute()
-    if src.suffix != ".wav" or not src.is_file():
+    try:
+        mode = os.lstat(src).st_mode
+    except OSError:
+        mode = 0
+    # lstat: a symlink planted under a recording's name is not encoded, as the proxy does not follow it.
+    if src.suffix != ".wav" or not stat.S_ISREG(mode):
         log.warning("to_mp3: %s is not a WAV file", src.name)
         return None
     dst = src.with_suffix(".mp3")
@@ -86,6 +91,10 @@ def to_mp3(
         log.info("to_mp3: no MP3 encoder (%s) on PATH, keeping %s", encoder, src.name)
         return None
     try:
+        # The encoder writes to a file created here, not to whatever a planted name points at (unlink
+        # removes a symlink itself, O_EXCL | O_NOFOLLOW refuse one put back meanwhile).
+        tmp.unlink(missing_ok=True)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640))
         # A list argv and no shell: the file name is never parsed by anything.
         proc = subprocess.run(
             argv,

@@ -7,8 +7,10 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import gevent
+import gevent.lock
 import gevent.pool
 
 from fsbridge import history
@@ -22,7 +24,7 @@ from fsbridge.esl.connection import EslConnection, EslError
 from fsbridge.esl.listener import EventListener
 from fsbridge.esl.protocol import Event
 from fsbridge.health import CrmReachability, Health
-from fsbridge.history.cdr import record_id_of
+from fsbridge.history.cdr import has_talk_recording, record_id_of
 from fsbridge.http.app import Router
 from fsbridge.http.logo import LogoHandler
 from fsbridge.http.lookup import RoutingHandler
@@ -40,7 +42,10 @@ from fsbridge.recordings import Recordings
 from fsbridge.routing import ManagerLookup
 
 log = logging.getLogger("fsbridge")
-_ROW_UUID_RE = re.compile(rf'"uuid":\s*"({UUID_RE.pattern})"')
+# FreeSWITCH writes its own uuids in lower case, but an origination_uuid set by a dialplan or another ESL
+# client keeps its case: channels are listed whatever the case, and only uuid-shaped ids reach a command.
+CHANNEL_UUID_RE = re.compile(UUID_RE.pattern, re.IGNORECASE)
+_ROW_UUID_RE = re.compile(rf'"uuid":\s*"({UUID_RE.pattern})"', re.IGNORECASE)
 
 
 def live_channel_uuids(conn: EslConnection) -> set[str]:
@@ -81,8 +86,10 @@ class Bridge:
         self.statuses = ManagerStatus(cfg.storage.dir / "manager_status.json")
         self.recordings = Recordings(cfg.records.dir, prefer_mp3=cfg.records.prefer_mp3,
                                      encoder=cfg.records.mp3_encoder, bitrate_kbps=cfg.records.mp3_bitrate_kbps)
-        # MP3 encoding runs in child processes, two at a time, never on the ESL reading path.
-        self._encoders = gevent.pool.Pool(2)
+        # MP3 encoding runs in child processes, two at a time, never on the ESL reading path: the reader only
+        # spawns (a Pool would make it wait for a free slot), the greenlet waits for its turn.
+        self._encoders = gevent.pool.Group()
+        self._encoder_slots = gevent.lock.BoundedSemaphore(2)
         r = cfg.routing
         self.manager_lookup = ManagerLookup(self.crm, cfg.manager_codes, self.statuses, timeout=r.timeout,
                                             cache_ttl=r.cache_ttl, negative_ttl=r.negative_ttl,
@@ -142,13 +149,17 @@ class Bridge:
 
     def _finished(self, call: FinishedCall) -> None:
         self.history.on_finished(call)
-        if self.cfg.records.prefer_mp3 and call.answered and call.recording_path:
-            ref = record_id_of(call.recording_path)
+        if self.cfg.records.prefer_mp3 and has_talk_recording(call):
+            ref = record_id_of(call.recording_path or "")
             if ref is not None and ref[1] == "wav":
                 # Rebuilt from the allow-listed id: the header's own path never reaches the encoder.
-                self._encoders.spawn(self.recordings.to_mp3, self.recordings.wav_path(ref[0]))
+                self._encoders.spawn(self._to_mp3, self.recordings.wav_path(ref[0]))
         if self.observer is not None:
             self.observer(call)
+
+    def _to_mp3(self, wav: Path) -> None:
+        with self._encoder_slots:
+            self.recordings.to_mp3(wav)
 
     def reconcile(self, conn: EslConnection, ended_by: float | None = None, snapshot: int | None = None,
                   live: set[str] | None = None) -> int:
@@ -156,14 +167,16 @@ class Bridge:
         live = live_channel_uuids(conn) if live is None else live
 
         def gone(uuid: str) -> bool:
-            return conn.api(f"uuid_exists {uuid}").strip() == "false" if UUID_RE.fullmatch(uuid) else True
+            return conn.api(f"uuid_exists {uuid}").strip() == "false" if CHANNEL_UUID_RE.fullmatch(uuid) else True
 
         return self.tracker.reconcile(live, snapshot, ended_by=ended_by, confirm_gone=gone)
 
     def _after_connect(self, conn: EslConnection) -> None:
-        # Calls that vanished while we were away were last known alive when the connection dropped.
+        # Calls that vanished while we were away were last known alive when the connection dropped. Legs
+        # heard from after the listing was asked for are not candidates (see CallTracker.reconcile).
+        snapshot = self.tracker.seen
         live = live_channel_uuids(conn)
-        self.reconcile(conn, ended_by=self.listener.disconnected_at, live=live)
+        self.reconcile(conn, ended_by=self.listener.disconnected_at, snapshot=snapshot, live=live)
         self.adopt(conn, live=live)
 
     def adopt(self, conn: EslConnection, limit: int = 5000, live: set[str] | None = None) -> int:
@@ -172,7 +185,7 @@ class Bridge:
         unknown = [u for u in live if u not in self.tracker.legs][:limit]
         dumps = []
         for uuid in unknown:
-            if not UUID_RE.fullmatch(uuid):
+            if not CHANNEL_UUID_RE.fullmatch(uuid):
                 continue   # it goes into an api command: only a uuid may
             body = conn.api(f"uuid_dump {uuid} json")
             try:
@@ -214,7 +227,8 @@ class Bridge:
         pending = self.history.outbox.levels()[0]
         self.history.outbox.close()
         self.http.stop(1.0)
-        self._encoders.join(timeout=5.0)  # an MP3 half written is removed by to_mp3 itself
+        if not self._encoders.join(timeout=5.0):
+            self._encoders.kill(timeout=5.0)  # to_mp3 kills its encoder and removes the half-written MP3
         self.recordings.close()
         log.info("stopped%s", f"; {pending} call(s) wait in the outbox for the next start" if pending else "")
 
@@ -275,8 +289,8 @@ class Bridge:
                 lambda: [({}, 1.0 if self.listener.connected else 0.0)])
 
         def outbox() -> list[tuple[dict[str, str], float]]:
-            st = self.history.status()
-            return [({"state": "pending"}, float(st["pending"])), ({"state": "quarantined"}, float(st["quarantined"]))]
+            pending, quarantined = self.history.outbox.levels()
+            return [({"state": "pending"}, float(pending)), ({"state": "quarantined"}, float(quarantined))]
         m.watch("fsbridge_outbox_calls", "Calls in the history outbox by state", outbox)
         m.watch("fsbridge_outbox_oldest_pending_seconds", "Age of the oldest call waiting for upload",
                 lambda: [({}, self.history.oldest_pending_age() or 0.0)])

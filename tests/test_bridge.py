@@ -273,3 +273,27 @@ def test_freeswitch_dropping_a_slow_reader_is_counted_as_lost_events(simulator, 
     simulator._event_conns[-1].kill("bye\n")  # any other disconnect notice is a lost connection, not lost events
     until(lambda: bridge.listener.reconnects == reconnects + 2, what="the second reconnection")
     assert bridge.listener.lost_listener == 1
+
+
+def test_recordings_waiting_for_the_encoder_never_hold_up_the_reader(start_bridge, tmp_path, monkeypatch) -> None:
+    import time
+    import uuid
+
+    from tests.test_history_outbox import make_call
+
+    b = start_bridge(records={"dir": str(tmp_path), "prefer_mp3": True})
+    running: list[str] = []
+
+    def slow_encoder(wav) -> None:
+        running.append(str(wav))
+        gevent.sleep(0.5)
+
+    monkeypatch.setattr(b.recordings, "to_mp3", slow_encoder)
+    started = time.monotonic()
+    for n in range(5):  # _finished runs on the ESL reading path
+        b._finished(make_call(n, recording_path=f"/rec/{uuid.uuid4()}.wav", recording_ms=5000))
+    b._finished(make_call(9, recording_path=f"/rec/{uuid.uuid4()}.wav", recording_ms=0))  # silence: not encoded
+    assert time.monotonic() - started < 0.2
+    gevent.sleep(0.1)
+    assert len(running) == 2  # two encoders at a time
+    until(lambda: len(running) == 5, timeout=5, what="every recording encoded in turn")

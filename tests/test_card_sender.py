@@ -144,3 +144,28 @@ def test_card_held_through_an_outage_goes_out_soon_after_the_crm_returns(
     finally:
         fake_crm.outage = None
         sender.stop()
+
+
+class _Answering:
+    """A CRM client answering every card with a fixed reply (what the CRM says is the point here)."""
+
+    def __init__(self, reply: dict) -> None:
+        self.reply = reply
+
+    def send_call_event(self, event: dict, *, deadline: float | None = None) -> dict:
+        return self.reply
+
+
+def test_an_odd_not_exist_codes_reply_neither_stops_the_worker_nor_reaches_the_log(caplog) -> None:
+    sender = CardSender(_Answering({"success": True, "notExistCodes": ["100", 101, {"x": 1}, "1\nFAKE"]}),
+                        workers=1)
+    sender.start()
+    try:
+        sender.submit(card("in", "a"))
+        sender.submit(card("hangup", "a"))
+        until(lambda: sender.sent == 2, what="both cards")
+        assert sender.running
+        assert sender.not_exist_codes == {"100"}
+        assert "FAKE" not in caplog.text
+    finally:
+        sender.stop()

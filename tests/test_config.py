@@ -59,6 +59,10 @@ def test_environment_overrides_secrets() -> None:
 @pytest.mark.parametrize(("mutate", "message"), [
     (lambda r: r["crm"].pop("url"), "crm.url: missing"),
     (lambda r: r["crm"].update(url="ftp://x"), "crm.url: expected an http(s) URL"),
+    # Both go into request lines and headers, which carry ASCII only.
+    (lambda r: r["crm"].update(url="https://магазин.рф"), "crm.url: expected an http(s) URL of ASCII"),
+    (lambda r: r["crm"].update(url="https://x.retailcrm.ru/a b"), "crm.url: expected an http(s) URL of ASCII"),
+    (lambda r: r["crm"].update(api_key="ключ-ключ-ключ"), "crm.api_key: expected printable ASCII"),
     (lambda r: r["crm"].update(timezone="Moscow"), "crm.timezone: expected an IANA time zone"),
     (lambda r: r["crm"].update(telephony_rate=0.5), "crm.telephony_rate: expected 0 (no pacing) or a number"),
     (lambda r: r["crm"].update(telephony_rate=5000), "crm.telephony_rate: expected 0 (no pacing) or a number"),

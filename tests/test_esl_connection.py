@@ -148,3 +148,7 @@ def test_live_channel_uuids_from_the_captured_listing(fixtures_dir) -> None:
         uuids = live_channel_uuids(Conn(body))  # type: ignore[arg-type]
         rows = jsonlib.loads(body).get("rows", [])
         assert uuids == {row["uuid"] for row in rows} and len(uuids) == expected
+        if rows:
+            # An origination_uuid set by a dialplan keeps its case: that channel is live all the same.
+            upper = rows[0]["uuid"].upper()
+            assert upper in live_channel_uuids(Conn(body.replace(rows[0]["uuid"], upper)))  # type: ignore[arg-type]

@@ -232,3 +232,17 @@ def test_to_mp3_with_real_lame(wav: Path) -> None:
     out = subprocess.run(["lame", "--decode", str(mp3), str(wav.with_suffix(".back.wav"))],
                          capture_output=True, timeout=60, check=False)
     assert out.returncode == 0
+
+
+def test_to_mp3_follows_no_planted_symlink(wav: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_encoder(tmp_path / "bin", "lame", "pathlib.Path(sys.argv[-1]).write_bytes(b'ID3' + b'x' * 100)")
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not yours")
+    planted = wav.with_name("0b5f3a57-1111-4222-8333-444455556666.wav")
+    planted.symlink_to(outside)
+    assert to_mp3(planted) is None  # not encoded into a recording the proxy would serve
+    assert not planted.with_suffix(".mp3").exists()
+    wav.with_name(f"{REC_ID}.mp3.part").symlink_to(outside)  # the encoder's output name, pointing out
+    assert to_mp3(wav) == wav.with_suffix(".mp3")
+    assert outside.read_text() == "not yours"

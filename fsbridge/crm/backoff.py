@@ -1,4 +1,4 @@
-"""Retry delays: capped exponential backoff with jitter, one formula for every retry loop in fsbridge."""
+"""Retry delays towards the CRM: capped exponential backoff with jitter, for the client and the uploader."""
 
 from __future__ import annotations
 

@@ -24,6 +24,7 @@ import gevent
 import gevent.event
 
 from fsbridge.calls.model import CallEvent
+from fsbridge.config import EXTENSION_RE
 from fsbridge.crm.client import RetailCRM
 from fsbridge.crm.errors import CRMError, CRMRejected, CRMUnavailable
 
@@ -124,7 +125,11 @@ class CardSender:
             taken.move_to_end(event.call_id)
             while next(iter(taken.values()))[1] < now - self.max_age:
                 taken.popitem(last=False)
-            self.deliver(event)
+            try:
+                self.deliver(event)
+            except Exception:  # a bug or an odd reply must not end this worker: its lane would stall
+                self.rejected += 1
+                log.exception("call event %s of call %s could not be delivered", event.type, event.call_id)
 
     def deliver(self, event: CallEvent) -> None:
         deadline = event.created + self.max_age
@@ -153,7 +158,11 @@ class CardSender:
         # a card fresh from the queue always has more than twice the typical time left).
         took = min(time.monotonic() - started, self.max_age / 4)
         self._typical = took if not self._typical else self._typical + 0.1 * (took - self._typical)
-        missing = set(reply.get("notExistCodes") or []) - self.not_exist_codes
+        codes = reply.get("notExistCodes")
+        # The CRM's own words: only extension-shaped strings are kept (they reach the log).
+        missing = {c for c in codes if isinstance(c, str) and EXTENSION_RE.fullmatch(c)} if isinstance(
+            codes, list) else set()
+        missing -= self.not_exist_codes
         if missing:
             # Said once per code: a manager extension the CRM does not know never shows a card.
             self.not_exist_codes |= missing

@@ -42,6 +42,14 @@ def record_id_of(path: str) -> tuple[str, str] | None:
     return stem, ext
 
 
+def has_talk_recording(call: FinishedCall) -> bool:
+    """A manager talked and the recording has sound in it: the one rule for linking and for converting it.
+
+    An unanswered call's recording is the ring tone or silence. A length FreeSWITCH did not report (None)
+    is not a zero length: the talk happened."""
+    return call.answered and bool(call.recording_path) and call.recording_ms != 0
+
+
 @dataclass(frozen=True)
 class CdrBuilder:
     """The settings a history entry depends on.
@@ -94,14 +102,10 @@ class CdrBuilder:
         return entry
 
     def record_url(self, call: FinishedCall) -> str | None:
-        """A link only when a manager talked and the recording has sound in it.
-
-        An unanswered call's recording is the ring tone or silence. A length FreeSWITCH did not report
-        (None) is not a zero length: the talk happened, so the link is given.
-        """
-        if self.links is None or not call.answered or not call.recording_path or call.recording_ms == 0:
+        """A link only for a recording of talk (has_talk_recording) named as ours."""
+        if self.links is None or not has_talk_recording(call):
             return None
-        ref = record_id_of(call.recording_path)
+        ref = record_id_of(call.recording_path or "")
         if ref is None:
             log.warning("call %s: recording %s is not named <uuid>.<wav|mp3|ogg>; no recordUrl",
                         call.call_id, os.path.basename(call.recording_path))

@@ -264,7 +264,6 @@ class Uploader:
             if not entries:
                 return
             try:
-                give_way()
                 self._deliver(entries)
             except _Stopping:
                 return
@@ -357,7 +356,6 @@ class Uploader:
         duplicates = duplicates if isinstance(duplicates, list) else []
         self.stats.sent += len(part)
         self.stats.duplicates += len(duplicates)
-        give_way()
         self.stats.last_success = time.time()
         processed = reply.get("processedCallsCount")
         if isinstance(processed, int) and processed + len(duplicates) != len(part):

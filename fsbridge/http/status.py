@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Container
 
+from fsbridge.config import EXTENSION_RE
 from fsbridge.http.app import Request, Response, Router, check_client_id
-from fsbridge.manager_status import CODE_RE, STATUSES, USER_ID_RE, ManagerStatus
+from fsbridge.manager_status import STATUSES, USER_ID_RE, ManagerStatus
 
 DEFAULT_PATH = "/retailcrm/status"
 
@@ -32,7 +33,7 @@ class StatusHandler:
         q = request.query
         # Reasons never echo the value: it is client-controlled and ends up in logs and CRM error screens.
         code = q.get("code", "")
-        if CODE_RE.fullmatch(code) is None or code not in self.managers:
+        if EXTENSION_RE.fullmatch(code) is None or code not in self.managers:
             return Response.text(400, "unknown manager code")
         status = q.get("status", "")
         if status not in STATUSES:
