@@ -16,3 +16,16 @@ def open_fds(path: Path) -> int:
         except OSError:
             pass
     return count
+
+
+def deleted_fds(under: Path) -> list[str]:
+    """This process's descriptors on files below `under` that were deleted (their space not given back)."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.endswith(" (deleted)") and target.startswith(f"{under}/"):
+            found.append(target)
+    return found

@@ -90,10 +90,19 @@ def test_bad_settings_name_the_key(mutate, message: str) -> None:
     assert "\n" not in str(err.value)
 
 
-def test_telephony_rate_zero_turns_pacing_off() -> None:
+def test_telephony_rate_zero_turns_pacing_off(make_config) -> None:
+    from fsbridge.service import Bridge
+
     raw = minimal()
     raw["crm"]["telephony_rate"] = 0
     assert config.from_mapping(raw, env={}).crm.telephony_rate == 0.0
+    # ... and it reaches the client the service builds: no limiter in front of /telephony requests.
+    for rate, paced in ((0, False), (40, True)):
+        bridge = Bridge(make_config(crm={"telephony_rate": rate}))
+        try:
+            assert (bridge.crm._limiters["telephony"] is not None) == paced
+        finally:
+            bridge.stop(timeout=1.0)
 
 
 def test_secret_values_are_not_echoed() -> None:

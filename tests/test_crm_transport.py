@@ -75,6 +75,27 @@ class Script:
         self.server.stop(timeout=0.5)
 
 
+def watched(t: Transport) -> tuple[list[object], list[object]]:
+    """(connections opened, exchanges made) by `t`: a request sent again shows as a second exchange, which
+    the server's own counts cannot show (a request sent on a closed socket never reaches it)."""
+    opened: list[object] = []
+    exchanges: list[object] = []
+    connect, exchange = t._connect, t._exchange
+
+    def counted_connect(*args):  # type: ignore[no-untyped-def]
+        conn = connect(*args)
+        opened.append(conn)
+        return conn
+
+    def counted_exchange(conn, *args):  # type: ignore[no-untyped-def]
+        exchanges.append(conn)
+        return exchange(conn, *args)
+
+    t._connect = counted_connect  # type: ignore[method-assign]
+    t._exchange = counted_exchange  # type: ignore[method-assign]
+    return opened, exchanges
+
+
 @pytest.fixture
 def serve() -> Iterator[Callable[..., Script]]:
     scripts: list[Script] = []
@@ -131,24 +152,30 @@ def test_chunked_reply_is_decoded(serve) -> None:
 def test_reply_without_length_is_read_to_the_close(serve) -> None:
     script = serve(lambda head, n: b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n" + OK)
     t = Transport(f"http://127.0.0.1:{script.port}")
+    _, exchanges = watched(t)
     assert _get(t) == OK and _get(t) == OK
     assert script.connections == 2  # such a connection ends with its reply
+    assert len(exchanges) == 2 and exchanges[0] is not exchanges[1]  # not tried again on the ended one
 
 
 def test_silent_server_is_a_read_timeout(serve) -> None:
     script = serve(lambda head, n: (gevent.sleep(2), _length_reply())[1])
     t = Transport(f"http://127.0.0.1:{script.port}")
+    opened, _ = watched(t)
     with pytest.raises(ReadTimeout, match=r"no reply within 0\.3 s"):
         t.request("GET", "/x", {}, None, 1.0, 0.3)
-    assert t._idle == []  # the late reply will not be taken for the next request's
+    # Closed, not kept: the late reply will not be taken for the next request's.
+    assert [c.sock.fileno() for c in opened] == [-1]  # type: ignore[attr-defined]
 
 
 def test_connection_close_is_honoured(serve) -> None:
     script = serve(lambda head, n: _length_reply(extra="Connection: close\r\n"))
     t = Transport(f"http://127.0.0.1:{script.port}")
+    _, exchanges = watched(t)
     for _ in range(3):
         assert _get(t) == OK
     assert script.connections == 3
+    assert len(set(map(id, exchanges))) == len(exchanges) == 3  # each on its own connection, none re-sent
 
 
 def test_idle_connection_closed_by_the_server_is_not_used(serve) -> None:
@@ -159,13 +186,13 @@ def test_idle_connection_closed_by_the_server_is_not_used(serve) -> None:
     script = serve(answer)
     script.close_idle = True
     t = Transport(f"http://127.0.0.1:{script.port}")
+    opened, exchanges = watched(t)
     assert _get(t) == OK
-    assert not t._idle[0].dropped()
     gevent.sleep(0.2)  # the server has closed the kept-alive connection by now
-    assert t._idle[0].dropped()  # seen before anything is sent on it
     assert _get(t) == OK
     assert script.connections == 2
-    assert len(script.requests) == 2  # sent once, on a fresh connection: the closed one was not tried
+    # Sent once, on a fresh connection: the closed one was seen closed before anything was sent on it.
+    assert exchanges == opened and len(opened) == 2
 
 
 def test_request_on_a_connection_the_server_dropped_meanwhile_is_sent_again_once(serve) -> None:
@@ -200,9 +227,10 @@ def test_fresh_connection_closed_without_reply_fails(serve) -> None:
 def test_broken_replies_are_one_line_errors(serve, reply: bytes, reason: str) -> None:
     script = serve(lambda head, n: reply + b"Connection: close\r\n")
     t = Transport(f"http://127.0.0.1:{script.port}")
+    opened, _ = watched(t)
     with pytest.raises(ConnectionFailed, match=reason):
         _get(t)
-    assert t._idle == []
+    assert [c.sock.fileno() for c in opened] == [-1]  # type: ignore[attr-defined]
 
 
 def test_short_body_then_close_is_an_error(serve) -> None:
@@ -258,6 +286,10 @@ def test_deadline_cut_leaves_no_half_read_connection(serve) -> None:
 
 
 def test_client_uses_requests_when_a_proxy_is_set(monkeypatch: pytest.MonkeyPatch, fake_crm) -> None:
+    from fsbridge.crm.transport import PROXY_VARIABLES
+
+    for name in PROXY_VARIABLES:  # whatever the machine running the tests has set
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
     assert isinstance(RetailCRM("https://example.retailcrm.ru", API_KEY)._transport, RequestsTransport)
     monkeypatch.delenv("HTTPS_PROXY")
@@ -268,6 +300,10 @@ def test_client_uses_requests_when_a_proxy_is_set(monkeypatch: pytest.MonkeyPatc
 
 
 def test_requests_transport_keeps_the_account_path_once(serve, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fsbridge.crm.transport import PROXY_VARIABLES
+
+    for name in PROXY_VARIABLES:  # whatever the machine running the tests has set
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # chosen because of the proxy, but not sent through it here
     script = serve(lambda head, n: _length_reply())

@@ -19,7 +19,8 @@ from fsbridge.http import HttpServer, Router
 from fsbridge.http.records import RecordsHandler, parse_range
 from fsbridge.record_links import RecordLinks
 from fsbridge.recordings import Recordings
-from tests.procfs import open_fds
+from tests.procfs import deleted_fds, open_fds
+from tests.waiting import until
 
 REC_ID = "31ff8abf-a4ac-4f83-a050-5a0db45e0c55"
 MISSING_ID = "00000000-1111-2222-3333-444444444444"
@@ -383,22 +384,7 @@ def test_accel_redirect_mode(tmp_path: Path, fixtures_dir: Path) -> None:
 
 def _assert_released(path: Path, within: float = 5.0) -> None:
     """No descriptor on `path` is left once the answers are over (recordings stay open ~1 s for reuse)."""
-    deadline = time.monotonic() + within
-    while open_fds(path) and time.monotonic() < deadline:
-        gevent.sleep(0.02)
-    assert open_fds(path) == 0
-
-
-def _deleted_fds() -> list[str]:
-    found = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target.endswith(" (deleted)"):
-            found.append(target)
-    return found
+    until(lambda: open_fds(path) == 0, timeout=within, what=f"no descriptor left on {path.name}")
 
 
 def test_replaced_recording_is_served_afresh(env: Env) -> None:
@@ -419,7 +405,7 @@ def test_replaced_recording_is_served_afresh(env: Env) -> None:
         third = s.get(env.url(), headers={"Range": "bytes=4-"})
         assert third.status_code == 206 and third.content == b"-new-content+more"
     gevent.sleep(0)
-    assert not [t for t in _deleted_fds() if REC_ID in t]  # the replaced file is not held open
+    assert not deleted_fds(env.rec_dir)  # the replaced file is not held open
 
 
 def test_deleted_recording_is_404_and_its_space_released(env: Env) -> None:
@@ -427,17 +413,14 @@ def test_deleted_recording_is_404_and_its_space_released(env: Env) -> None:
     assert requests.get(env.url()).status_code == 200
     path.unlink()  # a retention cleanup
     assert requests.get(env.url()).status_code == 404
-    assert not [t for t in _deleted_fds() if REC_ID in t]
+    assert not deleted_fds(env.rec_dir)
 
 
 def test_idle_recording_is_closed_even_without_further_requests(env: Env) -> None:
     path = env.rec_dir / f"{REC_ID}.wav"
     assert requests.get(env.url()).status_code == 200
     path.unlink()  # deleted while idle: its disk space must come back without another request
-    deadline = time.monotonic() + 5
-    while [t for t in _deleted_fds() if REC_ID in t] and time.monotonic() < deadline:
-        gevent.sleep(0.05)
-    assert not [t for t in _deleted_fds() if REC_ID in t]
+    until(lambda: not deleted_fds(env.rec_dir), timeout=5, what="the deleted recording's descriptor closed")
 
 
 def _rss() -> int:

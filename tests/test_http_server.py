@@ -17,6 +17,7 @@ import pytest
 
 from fsbridge.http import FileBody, HttpServer, Request, Response, Router, wire
 from tests.procfs import open_fds
+from tests.waiting import until
 
 BIG_SIZE = 20 * 1024 * 1024
 
@@ -619,15 +620,6 @@ def test_idle_keep_alive_connection_is_closed_silently(tmp_path: Path) -> None:
             assert _closed_within(s, 3) == b""  # no 408 for a connection that was merely idle
 
 
-def _wait_until(condition, seconds: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        gevent.sleep(0.02)
-    return True
-
-
 @pytest.mark.parametrize("how", ["reset", "close"])
 def test_client_vanishing_mid_file_costs_nothing(app: App, how: str) -> None:
     fds_before = len(os.listdir("/proc/self/fd"))
@@ -644,8 +636,8 @@ def test_client_vanishing_mid_file_costs_nothing(app: App, how: str) -> None:
         else:
             s.shutdown(socket.SHUT_RDWR)
         s.close()
-        assert _wait_until(lambda: open_fds(app.big) == 0)
-    assert _wait_until(lambda: len(os.listdir("/proc/self/fd")) <= fds_before)  # no socket left behind
+        until(lambda: open_fds(app.big) == 0, what="the big file closed")
+    until(lambda: len(os.listdir("/proc/self/fd")) <= fds_before, what="no socket left behind")
     assert exchange(app, get())[0].status == 200
 
 
@@ -656,7 +648,7 @@ def test_client_vanishing_mid_stream_closes_the_generator(app1: App) -> None:
     s.recv(65536)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     s.close()
-    assert _wait_until(lambda: app1.streams_closed == ["endless"])
+    until(lambda: app1.streams_closed == ["endless"], what="the stream closed")
 
 
 def test_client_that_stops_reading_is_dropped_after_the_timeout(tmp_path: Path) -> None:
@@ -665,7 +657,7 @@ def test_client_that_stops_reading_is_dropped_after_the_timeout(tmp_path: Path) 
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
         s.sendall(get("/big"))
         s.recv(1024)  # ... and then reads nothing more
-        assert _wait_until(lambda big=app.big: open_fds(big) == 0, 5)
+        until(lambda big=app.big: open_fds(big) == 0, 5, "the big file closed")
         s.close()
 
 

@@ -69,8 +69,6 @@ class UploaderStats:
     requests: int = 0             # upload attempts, answered or not
     failures: int = 0             # attempts that failed as a whole (CRM unavailable or refusing us)
     unwritten: int = 0            # finished calls waiting in memory because the outbox refused a write
-    last_error: str | None = None
-    last_success: float | None = None   # time.time()
 
 
 def attribute_errors(errors: Any, size: int) -> dict[int, list[tuple[str, str]]] | None:
@@ -237,7 +235,6 @@ class Uploader:
             # An outbox failure (disk full, a locked file) must not end the loop: what is not marked
             # sent stays pending, and the next round tries again.
             log.exception("call history upload round failed; retrying in %.0f s", self.retry_max)
-            self.stats.last_error = "upload round failed (see the log)"
             gevent.sleep(self.retry_max)
 
     def drain(self) -> int:
@@ -338,7 +335,6 @@ class Uploader:
                 if isinstance(exc, CRMRejected) and not _is_systemic(exc):
                     return exc
                 self.stats.failures += 1
-                self.stats.last_error = str(exc)
                 failures += 1
                 delay = backoff_delay(self.retry_base, failures, self.retry_max)
                 level = logging.ERROR if isinstance(exc, CRMRejected) else logging.WARNING
@@ -356,7 +352,6 @@ class Uploader:
         duplicates = duplicates if isinstance(duplicates, list) else []
         self.stats.sent += len(part)
         self.stats.duplicates += len(duplicates)
-        self.stats.last_success = time.time()
         processed = reply.get("processedCallsCount")
         if isinstance(processed, int) and processed + len(duplicates) != len(part):
             log.warning("retailCRM confirmed %d of %d call(s) (%d duplicate); counted all as delivered",
@@ -379,18 +374,3 @@ class Uploader:
         """Seconds the oldest undelivered call has waited (one indexed lookup: cheap to poll)."""
         oldest = self.outbox.oldest_pending()
         return None if oldest is None else max(0.0, time.time() - oldest)
-
-    def status(self) -> dict[str, Any]:
-        pending, quarantined = self.outbox.levels()
-        age = self.oldest_pending_age()
-        return {
-            "strategy": self.strategy,
-            "pending": pending,
-            "quarantined": quarantined,
-            "oldest_pending_seconds": None if age is None else round(age, 1),
-            "sent": self.stats.sent,
-            "duplicates": self.stats.duplicates,
-            "failures": self.stats.failures,
-            "unwritten": len(self._unwritten),
-            "last_error": self.stats.last_error,
-        }
