@@ -28,12 +28,17 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
     # interval, which matters only while a worker thread runs: the outbox checkpoint, DNS lookups, the
     # manager-status file.)
     sys.setswitchinterval(0.001)
-    bridge = Bridge(cfg)
-    # What exists now (modules, config, the service) lives as long as the process: frozen, it is left out
-    # of the collector's full passes, which it made ~7 ms longer each.
-    gc.collect()
-    gc.freeze()
-    bridge.start()
+    try:
+        bridge = Bridge(cfg)
+        # What exists now (modules, config, the service) lives as long as the process: frozen, it is left
+        # out of the collector's full passes, which it made ~7 ms longer each.
+        gc.collect()
+        gc.freeze()
+        bridge.start()
+    except (ConfigError, OSError) as exc:
+        # A state directory it may not write, a port already taken: one line, not a traceback.
+        print(f"fsbridge: cannot start: {exc}", file=sys.stderr)
+        return 1
     log.info("fsbridge %s running (FreeSWITCH %s:%s, CRM %s)", __version__, cfg.freeswitch.host,
              cfg.freeswitch.port, cfg.crm.url)
     stopping = gevent.event.Event()

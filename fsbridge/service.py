@@ -17,7 +17,7 @@ from fsbridge import history
 from fsbridge.calls.legs import Directory
 from fsbridge.calls.model import FinishedCall
 from fsbridge.calls.tracker import CallTracker
-from fsbridge.config import Config
+from fsbridge.config import Config, ConfigError
 from fsbridge.crm.card_sender import CardSender
 from fsbridge.crm.client import RetailCRM
 from fsbridge.esl.connection import EslConnection, EslError
@@ -73,7 +73,10 @@ class Bridge:
         self.crm.observer = self._observe_crm
         self.cards = CardSender(self.crm, max_age=cfg.crm.card_max_age, workers=cfg.crm.card_workers,
                                 queue_size=cfg.crm.card_queue_size)
-        cfg.storage.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            cfg.storage.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"storage.dir: cannot create {cfg.storage.dir}: {exc.strerror}") from None
         self.links = RecordLinks(cfg.integration.public_url, cfg.records.link_secret,
                                  previous_secrets=tuple(cfg.records.previous_link_secrets))
         self.history = history.from_config(cfg, self.crm, links=self.links)
@@ -98,7 +101,7 @@ class Bridge:
         self.originator = self._originator()
         self.health = Health(
             esl_connected=lambda: self.listener.connected,
-            last_event_age=lambda: None if self.last_event_at is None else time.monotonic() - self.last_event_at,
+            last_event_age=self._last_sign_of_life_age,
             heartbeat_timeout=cfg.freeswitch.heartbeat_timeout, workers_alive=self._dead_workers,
             outbox_oldest_age=self.history.oldest_pending_age, outbox_max_age=self._outbox_max_age(),
             crm=self.crm_health)
@@ -107,6 +110,11 @@ class Bridge:
         self.http = HttpServer(cfg.http.listen, self.router, zero_copy=cfg.http.zero_copy,
                                timeout=cfg.http.timeout, max_connections=cfg.http.max_connections)
         self.http.observer = self.metrics.on_http
+
+    def _last_sign_of_life_age(self) -> float | None:
+        """Seconds since FreeSWITCH last showed it is there: an event, or the connect and subscription."""
+        times = [t for t in (self.last_event_at, self.listener.subscribed_at) if t is not None]
+        return time.monotonic() - max(times) if times else None
 
     def _outbox_max_age(self) -> float:
         """A call waiting longer than this means the history is stuck, not just between uploads."""

@@ -1,18 +1,27 @@
 #!/usr/bin/env bash
-# The README's test command: installs fsbridge with its test extras and the system
-# tools the tests drive (Lua and curl for the dialplan script, lame for MP3 recordings), lints, then runs the suite.
+# The README's test command. Installs what the tests drive (as root on Debian/Ubuntu: Lua 5.3 and 5.4 with
+# LuaSocket and curl for the dialplan script, lame for MP3 recordings, python3-venv), creates a virtualenv
+# (.venv, or $FSBRIDGE_VENV) with fsbridge and its test extras, lints, then runs the suite; arguments go to pytest.
+# A virtualenv, because Debian's and Ubuntu's python3 refuse `pip install` outside one (PEP 668).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# The dialplan's Lua routing script is tested with a real Lua (LuaSocket and curl transports).
-if ! command -v lua5.4 >/dev/null || ! command -v curl >/dev/null || ! command -v lame >/dev/null \
-        || [ ! -e /usr/share/lua/5.4/socket.lua ]; then
+packages=(lua5.3 lua5.4 lua-socket curl lame python3-venv)
+missing=()
+for tool in lua5.3 lua5.4 curl lame; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+[ -e /usr/share/lua/5.4/socket.lua ] || missing+=(lua-socket)
+python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq lua5.4 lua-socket curl lame >/dev/null; } \
-            || echo "note: could not install lua5.4/lua-socket/curl/lame; the Lua and MP3 tests will be skipped" >&2
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}" >/dev/null; } \
+            || echo "note: could not install ${packages[*]}; the tests that need them will be skipped" >&2
     else
-        echo "note: lua5.4, lua-socket, curl or lame are missing; the Lua and MP3 tests will be skipped" >&2
+        echo "note: missing ${missing[*]} (Debian: apt-get install ${packages[*]}); the tests that need them will be skipped" >&2
     fi
 fi
-python3 -m pip install --quiet --disable-pip-version-check -e '.[test]'
-python3 -m ruff check fsbridge tests bench scripts
-python3 -m pytest -q "$@"
+venv="${FSBRIDGE_VENV:-.venv}"
+if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv" || { echo "error: python3 -m venv failed (Debian/Ubuntu: apt-get install python3-venv)" >&2; exit 1; }
+fi
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[test]'
+"$venv/bin/python" -m ruff check fsbridge tests bench scripts
+exec "$venv/bin/python" -m pytest -q "$@"

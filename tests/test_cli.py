@@ -38,3 +38,15 @@ def test_check_names_each_failure(tmp_path, simulator, fake_crm) -> None:
     assert 'crm: FAILED: ' in proc.stdout and 'Wrong "apiKey" value' in proc.stdout
     assert "not-the-right-key" not in proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_run_with_a_state_directory_it_cannot_create_says_so_in_one_line(tmp_path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    path = tmp_path / "fsbridge.yaml"
+    path.write_text(yaml.safe_dump(settings(state_dir=str(blocker / "state"))))
+    proc = subprocess.run([sys.executable, "-m", "fsbridge", "run", "--config", str(path)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"fsbridge: cannot start: storage.dir: cannot create {blocker / 'state'}: Not a directory"]

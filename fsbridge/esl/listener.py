@@ -43,6 +43,9 @@ class EventListener:
         self.malformed_before = 0     # malformed events skipped on earlier connections
         self.lost_listener = 0        # times FreeSWITCH killed us for reading too slowly (events lost)
         self.disconnected_at: float | None = None   # wall clock of the last connection loss
+        # Monotonic time of the last successful connect and subscription: a sign of life as good as an
+        # event, since FreeSWITCH's first HEARTBEAT may be 20 s away.
+        self.subscribed_at: float | None = None
         self.last_error = ""
         self._running = False
         self._greenlet: gevent.Greenlet | None = None
@@ -105,6 +108,7 @@ class EventListener:
             if self.connection is not None:
                 self.malformed_before += self.connection.bad_events
             self.connection = conn
+            self.subscribed_at = time.monotonic()
             self.last_error = ""
             delay = self.min_delay
             log.info("connected to FreeSWITCH at %s:%s, subscribed to %d event names",
