@@ -15,7 +15,7 @@ import requests
 import yaml
 
 from fsbridge import logs
-from tests.conftest import API_KEY, CLIENT_ID, RECORD_SECRET, base_url, settings
+from tests.conftest import API_KEY, CLIENT_ID, RECORD_SECRET, base_url, internal_url, settings
 from tests.waiting import until
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -23,8 +23,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def running(start_bridge):
+    """fsbridge and its internal listener's URL (/metrics, /healthz)."""
     bridge = start_bridge()
-    return bridge, base_url(bridge)
+    return bridge, internal_url(bridge)
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -166,8 +167,9 @@ def test_kill_9_mid_stream_loses_no_finished_call(tmp_path, simulator, fake_crm)
 
 def test_metrics_count_http_answers_by_route_and_malformed_events(running, simulator) -> None:
     bridge, base = running
-    requests.get(f"{base}/records/forged-signature/31ff8abf-a4ac-4f83-a050-5a0db45e0c55.wav", timeout=5)
-    requests.get(f"{base}/no/such/path/{'x' * 40}", timeout=5)
+    public = base_url(bridge)
+    requests.get(f"{public}/records/forged-signature/31ff8abf-a4ac-4f83-a050-5a0db45e0c55.wav", timeout=5)
+    requests.get(f"{public}/no/such/path/{'x' * 40}", timeout=5)
     body = b'{"Event-Name":"CHANNEL_CREATE","Unique-ID":"unterminated}'
     simulator.send_raw(b"Content-Length: %d\nContent-Type: text/event-json\n\n" % len(body) + body)
     until(lambda: bridge.listener.malformed_events == 1, what="the malformed event to be counted")
