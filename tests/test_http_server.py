@@ -84,6 +84,7 @@ def _router(app: App) -> Router:
 
     router.add({"GET"}, "/hello", hello)
     router.add({"POST"}, "/echo", echo)
+    router.add({"POST"}, "/small", echo, max_body=100)  # a form with a limit of its own
     router.add({"GET"}, "/path/", path, prefix=True)
     router.add({"GET"}, "/big", big)
     router.add({"GET"}, "/stream", lambda r: stream("stream", 3, declare=False))
@@ -505,6 +506,8 @@ def test_post_bodies(app1: App) -> None:
         assert reader.response().body == b""
         s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"m" * 1000)
         assert reader.response().body == b"m" * 1000  # exactly max_body_bytes
+        s.sendall(b"POST /small HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"f" * 100)
+        assert reader.response().body == b"f" * 100  # exactly the route's own limit
 
 
 def test_client_vanishing_mid_request_body(app1: App) -> None:
@@ -562,6 +565,28 @@ def test_get_with_a_body_is_refused(app1: App) -> None:
     assert reply.status == 200
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("POST", "/hello", 405),  # a route that takes no body at all
+        ("POST", "/nothing", 404),
+        ("POST", "/%65cho", 404),  # /echo takes POST, its percent-encoded name is no route
+        ("POST", "/small", 413),  # over the route's own limit, far under the router's
+    ],
+)
+def test_a_body_the_route_does_not_take_is_answered_without_being_read(app1: App, method: str, path: str,
+                                                                        status: int) -> None:
+    # The head promises 500 bytes that never come: the answer is decided from the head alone, at once.
+    with connect(app1, timeout=1.5) as s:
+        s.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n"
+                  f"Expect: 100-continue\r\n\r\n".encode())
+        reader = Reader(s)
+        reply = reader.response()
+        assert reply.status == status  # no 100 Continue first: the body is not wanted
+        assert reply.header("Connection") == "close" and reader.at_eof()
+    assert app1.seen == []
+
+
 # --- timeouts, disconnects, capacity -----------------------------------------------------------------
 
 
@@ -608,6 +633,26 @@ def test_slow_body_is_cut_off(tmp_path: Path) -> None:
             _closed_within(s, 3)
             assert time.monotonic() - start < 3
         assert app.seen == []
+
+
+def test_a_client_cut_off_by_the_timeout_is_logged_and_counted(tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="fsbridge.http")
+    answers: list[tuple[str, int]] = []
+    for app in _serve(tmp_path, timeout=0.3):
+        app.server.observer = lambda path, status, sent: answers.append((path, status))
+        for data in (b"GET /hello?clientId=secret HTTP/1.1\r\nHost: x\r\n",  # the head never ends
+                     b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly part",  # nor the body
+                     b"GET /hel"):  # not even the request line
+            with connect(app) as s:
+                s.sendall(data)
+                assert _closed_within(s, 3).startswith(b"HTTP/1.1 408 ")
+        until(lambda: len(answers) == 3, 3, "the three answers")
+    assert answers == [("/hello", 408), ("/echo", 408), ("", 408)]
+    lines = [r.getMessage() for r in caplog.records if r.name == "fsbridge.http" and r.msg != "listening on %s:%d"]
+    assert [line.split(" ", 4)[:4] for line in lines] == [
+        ["127.0.0.1", "GET", "/hello", "408"], ["127.0.0.1", "POST", "/echo", "408"], ["127.0.0.1", "-", "-", "408"]]
+    assert "secret" not in "\n".join(lines)
 
 
 def test_a_slow_handler_is_not_timed_out(tmp_path: Path) -> None:

@@ -182,6 +182,20 @@ def test_metrics_count_http_answers_by_route_and_malformed_events(running, simul
     assert bridge.listener.connected, "a malformed event is skipped, not a reason to reconnect"
 
 
+def test_clients_cut_off_by_the_timeout_are_counted(start_bridge) -> None:
+    import socket
+
+    bridge = start_bridge(http={"timeout": 1})
+    host, port = bridge.http.address
+    for data in (b"GET /logo.svg HTTP/1.1\r\nHost: x\r\n", b"GET /lo"):  # heads that never end
+        with socket.create_connection((host, port), timeout=5) as s:
+            s.sendall(data)
+            assert s.recv(100).startswith(b"HTTP/1.1 408 ")
+    text = requests.get(f"{internal_url(bridge)}/metrics", timeout=5).text
+    assert metric(text, "fsbridge_http_responses_total", route="logo.svg", status="408") == 1
+    assert metric(text, "fsbridge_http_responses_total", route="other", status="408") == 1
+
+
 def test_a_scrape_does_not_hold_up_the_other_greenlets(running) -> None:
     import gevent
     from prometheus_client import generate_latest

@@ -63,6 +63,9 @@ _COALESCE = 64 * 1024
 _LINGER_SECONDS = 2.0
 _LINGER_BYTES = 1 << 20
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Where lingering connections drop what they still receive: one scratch buffer for all (what lands in it is
+# never looked at), so a flood of unwanted uploads allocates nothing.
+_DISCARD = bytearray(_RECV)
 
 _date_cache: list[Any] = [0, ""]
 
@@ -263,6 +266,7 @@ class _Connection:
             if need and len(self.buf) >= need:
                 self.buf = self.buf[need:]
             elif need:
+                self.buf = b""  # the start of that body: not kept while the connection lingers
                 keep_alive = False
         else:
             body = self._read_body(head, start)
@@ -479,10 +483,10 @@ class _Connection:
                 if left <= 0:
                     break
                 sock.settimeout(left)
-                data = sock.recv(_RECV)
-                if not data:
+                got = sock.recv_into(_DISCARD)
+                if not got:
                     break
-                dropped += len(data)
+                dropped += got
         except OSError:
             pass
 
