@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 if ! command -v lua5.4 >/dev/null || ! command -v curl >/dev/null || ! command -v lame >/dev/null \
         || [ ! -e /usr/share/lua/5.4/socket.lua ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq lua5.4 lua-socket curl lame >/dev/null; } \
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq lua5.4 lua-socket curl lame nginx-light >/dev/null; } \
             || echo "note: could not install lua5.4/lua-socket/curl/lame; the Lua and MP3 tests will be skipped" >&2
     else
         echo "note: lua5.4, lua-socket, curl or lame are missing; the Lua and MP3 tests will be skipped" >&2
