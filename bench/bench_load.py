@@ -350,7 +350,7 @@ class Fsbridge:
         self.cfg_path = tmp / "fsbridge.yaml"
         self.cfg_path.write_text(yaml.safe_dump(cfg))
         self.log_path = tmp / "fsbridge.log"
-        self.metrics_url = f"http://{cfg['http']['listen']}/metrics"
+        self.metrics_url = f"http://{cfg['http']['internal_listen']}/metrics"  # the internal listener
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "fsbridge", "run", "--config", str(self.cfg_path)],
                                      cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=pinned(0),
@@ -684,11 +684,12 @@ def main() -> int:
     crm = CrmSide.start(nagle=args.fake_nagle)
     sim = TimedSimulator(password="ClueCon", heartbeat_interval=20.0)
     sim.start()
-    http_port = free_port()
+    http_port, internal_port = free_port(), free_port()
     cfg = settings(fs_port=sim.port, crm_url=crm.url, state_dir=str(tmp / "state"),
                    crm={"telephony_rate": args.telephony_rate, "card_max_age": args.card_max_age,
                         "card_workers": args.card_workers},
-                   http={"listen": f"127.0.0.1:{http_port}"}, log={"level": args.log_level})
+                   http={"listen": f"127.0.0.1:{http_port}", "internal_listen": f"127.0.0.1:{internal_port}"},
+                   log={"level": args.log_level})
     # gevent's monitor thread writes the stack of any greenlet holding the hub longer than this to the log.
     monitor = ({"GEVENT_MONITOR_THREAD_ENABLE": "1", "GEVENT_MAX_BLOCKING_TIME": str(args.blocking_report / 1e3)}
                if args.blocking_report else None)

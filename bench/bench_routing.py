@@ -80,7 +80,7 @@ def serve_fsbridge(port_file: str, crm_url: str, state_dir: str) -> None:
 
     lookup = ManagerLookup(RetailCRM(crm_url, KEY, timeout=5), {"100": 1}, ManagerStatus(Path(state_dir) / "s.json"),
                            timeout=1.0, cache_ttl=600, negative_ttl=600, cache_size=KNOWN_PHONES)
-    router = Router()
+    router = Router()  # the internal listener's (http.internal_listen), where the Lua script asks
     RoutingHandler(lookup).register(router)
     server = HttpServer("127.0.0.1:0", router, timeout=10)
     server.start()

@@ -277,13 +277,32 @@ def _secrets(value: Any) -> list[str]:
     return [_secret(16)(v) for v in value]
 
 
+def _same_socket(a: str, b: str) -> bool:
+    """Whether two checked listen addresses would bind the same port (port 0: each gets its own)."""
+    (host_a, _, port_a), (host_b, _, port_b) = a.rpartition(":"), b.rpartition(":")
+    if port_a != port_b or int(port_a) == 0:
+        return False
+    hosts = {"127.0.0.1" if h == "localhost" else h.strip("[]") for h in (host_a, host_b)}
+    return len(hosts) == 1 or bool(hosts & {"", "0.0.0.0", "::"})
+
+
 @dataclass(frozen=True)
 class HttpSettings:
-    listen: str = setting("127.0.0.1:8088", "Address of fsbridge's HTTP API", _listen)
+    listen: str = setting("127.0.0.1:8088", "Address of the public HTTP listener, the one the TLS reverse proxy "
+                          "forwards to: retailCRM's callbacks (/retailcrm/...), record links (/records/...), "
+                          "/logo.svg", _listen)
+    internal_listen: str = setting("127.0.0.1:8090", "Address of the internal HTTP listener, never to be "
+                                   "proxied: /routing/manager (the dialplan's Lua script), /metrics, /healthz, "
+                                   "/healthz/live", _listen)
     timeout: float = setting(60.0, "Seconds a connection may stay idle or stalled before it is closed",
                              _number(1, 3600))
     max_connections: int = setting(1000, "Concurrent HTTP connections at most", _number(1, 100_000, int))
     zero_copy: bool = setting(True, "Send recordings with sendfile()", _bool)
+
+    def __post_init__(self) -> None:
+        if _same_socket(self.listen, self.internal_listen):
+            raise ConfigError(f"http.internal_listen: expected an address other than http.listen's, got "
+                              f"{self.internal_listen!r} (the internal routes must not be served publicly)")
 
 
 def _optional_path(value: Any) -> Path | None:

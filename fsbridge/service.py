@@ -106,10 +106,18 @@ class Bridge:
             outbox_oldest_age=self.history.oldest_pending_age, outbox_max_age=self._outbox_max_age(),
             crm=self.crm_health)
         self._watch_levels()
-        self.router = self._routes()
-        self.http = HttpServer(cfg.http.listen, self.router, zero_copy=cfg.http.zero_copy,
-                               timeout=cfg.http.timeout, max_connections=cfg.http.max_connections)
-        self.http.observer = self.metrics.on_http
+        # Two listeners, each with its own routes (a route exists on one only): the public one, behind the
+        # TLS proxy, for retailCRM and the managers' browsers; the internal one (loopback by default) for
+        # FreeSWITCH's routing lookup, Prometheus and health checks.
+        self.router, self.internal_router = self._routes(), self._internal_routes()
+        self.http = self._server(cfg.http.listen, self.router)
+        self.internal_http = self._server(cfg.http.internal_listen, self.internal_router)
+
+    def _server(self, listen: str, router: Router) -> HttpServer:
+        h = self.cfg.http
+        server = HttpServer(listen, router, zero_copy=h.zero_copy, timeout=h.timeout, max_connections=h.max_connections)
+        server.observer = self.metrics.on_http
+        return server
 
     def _last_sign_of_life_age(self) -> float | None:
         """Seconds since FreeSWITCH last showed it is there: an event, or the connect and subscription."""
@@ -134,15 +142,21 @@ class Bridge:
         return Originator(self.listener, self.tracker, plan)
 
     def _routes(self) -> Router:
+        """The public listener's routes: what retailCRM and the managers' browsers reach."""
         cfg = self.cfg
         router = Router()
         StatusHandler(cfg.integration.client_id, cfg.manager_codes, self.statuses).register(router)
-        RoutingHandler(self.manager_lookup, allow_from=cfg.routing.allow_from).register(router)
         LogoHandler().register(router)
         RecordsHandler(self.links, self.recordings,
                        accel_redirect_prefix=cfg.records.accel_redirect_prefix or None).register(router)
         MakeCallHandler(cfg.integration.client_id, cfg.managers, cfg.external_phones, self.originator,
                         off_reason=self.click_to_call_off).register(router)
+        return router
+
+    def _internal_routes(self) -> Router:
+        """The internal listener's routes; routing.allow_from still fences the lookup."""
+        router = Router()
+        RoutingHandler(self.manager_lookup, allow_from=self.cfg.routing.allow_from).register(router)
         OpsHandlers(self.metrics, self.health).register(router)
         return router
 
@@ -207,7 +221,12 @@ class Bridge:
     # -- lifecycle --
 
     def start(self) -> None:
-        self.http.start()
+        self.internal_http.start()
+        try:
+            self.http.start()
+        except BaseException:
+            self.internal_http.stop(0)  # the public port is taken: leave nothing bound behind
+            raise
         self.cards.start()
         self.history.start()
         self.listener.start()
@@ -235,6 +254,7 @@ class Bridge:
         pending = self.history.outbox.levels()[0]
         self.history.outbox.close()
         self.http.stop(1.0)
+        self.internal_http.stop(1.0)
         if not self._encoders.join(timeout=5.0):
             self._encoders.kill(timeout=5.0)  # to_mp3 kills its encoder and removes the half-written MP3
         self.recordings.close()

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The README's test command. Installs what the tests drive (as root on Debian/Ubuntu: Lua 5.3 and 5.4 with
-# LuaSocket and curl for the dialplan script, lame for MP3 recordings, python3-venv), creates a virtualenv
+# LuaSocket and curl for the dialplan script, lame for MP3 recordings, nginx for the reverse-proxy test,
+# python3-venv), creates a virtualenv
 # (.venv, or $FSBRIDGE_VENV) with fsbridge and its test extras, lints, then runs the suite; arguments go to pytest.
 # A virtualenv, because Debian's and Ubuntu's python3 refuse `pip install` outside one (PEP 668).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-packages=(lua5.3 lua5.4 lua-socket curl lame python3-venv)
+packages=(lua5.3 lua5.4 lua-socket curl lame nginx-light python3-venv)
 missing=()
-for tool in lua5.3 lua5.4 curl lame; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+for tool in lua5.3 lua5.4 curl lame nginx; do command -v "$tool" >/dev/null || missing+=("$tool"); done
 [ -e /usr/share/lua/5.4/socket.lua ] || missing+=(lua-socket)
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 if [ "${#missing[@]}" -gt 0 ]; then

@@ -34,7 +34,7 @@ def settings(fs_port: int = 8021, crm_url: str = "http://127.0.0.1:9", state_dir
                        "command_timeout": 3.0},
         "crm": {"url": crm_url, "api_key": API_KEY, "timezone": "Europe/Moscow", "card_max_age": 5.0},
         "integration": {"client_id": CLIENT_ID, "public_url": "https://pbx.example.com"},
-        "http": {"listen": "127.0.0.1:0"},
+        "http": {"listen": "127.0.0.1:0", "internal_listen": "127.0.0.1:0"},
         "storage": {"dir": state_dir or _tmp_state_dir()},
         "records": {"dir": str(FIXTURES / "recordings"), "link_secret": RECORD_SECRET},
         "managers": {"100": 1, "200": 2},
@@ -106,5 +106,12 @@ def start_bridge(simulator, fake_crm, make_config) -> Iterator[Callable[..., Any
 
 
 def base_url(bridge: Any) -> str:
+    """The public listener's URL (retailCRM's callbacks, records, the logo)."""
     host, port = bridge.http.address
+    return f"http://{host}:{port}"
+
+
+def internal_url(bridge: Any) -> str:
+    """The internal listener's URL (/routing/manager, /metrics, /healthz)."""
+    host, port = bridge.internal_http.address
     return f"http://{host}:{port}"

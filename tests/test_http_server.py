@@ -84,6 +84,7 @@ def _router(app: App) -> Router:
 
     router.add({"GET"}, "/hello", hello)
     router.add({"POST"}, "/echo", echo)
+    router.add({"POST"}, "/small", echo, max_body=100)  # a form with a limit of its own
     router.add({"GET"}, "/path/", path, prefix=True)
     router.add({"GET"}, "/big", big)
     router.add({"GET"}, "/stream", lambda r: stream("stream", 3, declare=False))
@@ -337,21 +338,30 @@ def test_big_file_in_full(app: App) -> None:
     ("target", "path"),
     [
         ("/path/plain", "/path/plain"),
-        ("/path/%41%42", "/path/AB"),
-        ("/path/a%2Fb", "/path/a/b"),  # decoded, as pywsgi did: the router sees the slash
-        ("/path/%zz%4", "/path/%zz%4"),  # invalid escapes stay
+        ("/path/%41%42", "/path/%41%42"),  # routed and handed over as sent: never percent-decoded
+        ("/path/a%2Fb", "/path/a%2Fb"),
+        ("/path/%zz%4", "/path/%zz%4"),
         ("/path/a+b", "/path/a+b"),  # + is not a space in a path
-        ("/path/%C3%A9t%C3%A9", "/path/été"),
+        ("/path/été", "/path/été"),  # raw UTF-8 bytes
         ("/path/../path/x", "/path/../path/x"),  # no normalisation: that is the handlers' business
         ("/path/x?y=1", "/path/x"),
         ("/path/x?", "/path/x"),
         ("http://example.com/path/abs?q=1", "/path/abs"),  # absolute-form (RFC 9112 §3.2.2)
     ],
 )
-def test_path_decoding(app1: App, target: str, path: str) -> None:
-    reply, _ = exchange(app1, get(target))
+def test_path_reaches_the_handler_as_sent(app1: App, target: str, path: str) -> None:
+    reply, _ = exchange(app1, f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     assert reply.status == 200, target
     assert reply.body.decode() == path
+
+
+@pytest.mark.parametrize("target", ["/%68ello", "/hell%6F", "/%2Fhello", "/%70ath/x", "/pat%68/x", "/%2e/hello",
+                                    "/hello/", "//hello"])
+def test_percent_encoded_route_names_match_no_route(app1: App, target: str) -> None:
+    # A proxy that allows or denies by raw prefix must see what fsbridge routes on: /%6detrics is not /metrics.
+    reply, _ = exchange(app1, get(target))
+    assert reply.status == 404, target
+    assert app1.seen == []
 
 
 def test_query_reaches_the_handler_and_bad_ones_are_refused(app1: App) -> None:
@@ -361,7 +371,7 @@ def test_query_reaches_the_handler_and_bad_ones_are_refused(app1: App) -> None:
         assert reader.response().status == 200
         assert app1.seen[-1].query == {"clientId": "a b", "code": "100", "empty": ""}
         too_many = "/hello?" + "&".join(f"p{i}=1" for i in range(60))
-        for bad in ("/hello?a=1&a=2", "/hello?x=%ff", "/path/%ff%fe", too_many):
+        for bad in ("/hello?a=1&a=2", "/hello?x=%ff", "/path/\xff\xfe", too_many):
             s.sendall(get(bad))
             reply = reader.response()
             assert reply.status == 400, bad
@@ -496,6 +506,8 @@ def test_post_bodies(app1: App) -> None:
         assert reader.response().body == b""
         s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"m" * 1000)
         assert reader.response().body == b"m" * 1000  # exactly max_body_bytes
+        s.sendall(b"POST /small HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"f" * 100)
+        assert reader.response().body == b"f" * 100  # exactly the route's own limit
 
 
 def test_client_vanishing_mid_request_body(app1: App) -> None:
@@ -553,6 +565,28 @@ def test_get_with_a_body_is_refused(app1: App) -> None:
     assert reply.status == 200
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("POST", "/hello", 405),  # a route that takes no body at all
+        ("POST", "/nothing", 404),
+        ("POST", "/%65cho", 404),  # /echo takes POST, its percent-encoded name is no route
+        ("POST", "/small", 413),  # over the route's own limit, far under the router's
+    ],
+)
+def test_a_body_the_route_does_not_take_is_answered_without_being_read(app1: App, method: str, path: str,
+                                                                        status: int) -> None:
+    # The head promises 500 bytes that never come: the answer is decided from the head alone, at once.
+    with connect(app1, timeout=1.5) as s:
+        s.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n"
+                  f"Expect: 100-continue\r\n\r\n".encode())
+        reader = Reader(s)
+        reply = reader.response()
+        assert reply.status == status  # no 100 Continue first: the body is not wanted
+        assert reply.header("Connection") == "close" and reader.at_eof()
+    assert app1.seen == []
+
+
 # --- timeouts, disconnects, capacity -----------------------------------------------------------------
 
 
@@ -599,6 +633,26 @@ def test_slow_body_is_cut_off(tmp_path: Path) -> None:
             _closed_within(s, 3)
             assert time.monotonic() - start < 3
         assert app.seen == []
+
+
+def test_a_client_cut_off_by_the_timeout_is_logged_and_counted(tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="fsbridge.http")
+    answers: list[tuple[str, int]] = []
+    for app in _serve(tmp_path, timeout=0.3):
+        app.server.observer = lambda path, status, sent: answers.append((path, status))
+        for data in (b"GET /hello?clientId=secret HTTP/1.1\r\nHost: x\r\n",  # the head never ends
+                     b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly part",  # nor the body
+                     b"GET /hel"):  # not even the request line
+            with connect(app) as s:
+                s.sendall(data)
+                assert _closed_within(s, 3).startswith(b"HTTP/1.1 408 ")
+        until(lambda: len(answers) == 3, 3, "the three answers")
+    assert answers == [("/hello", 408), ("/echo", 408), ("", 408)]
+    lines = [r.getMessage() for r in caplog.records if r.name == "fsbridge.http" and r.msg != "listening on %s:%d"]
+    assert [line.split(" ", 4)[:4] for line in lines] == [
+        ["127.0.0.1", "GET", "/hello", "408"], ["127.0.0.1", "POST", "/echo", "408"], ["127.0.0.1", "-", "-", "408"]]
+    assert "secret" not in "\n".join(lines)
 
 
 def test_a_slow_handler_is_not_timed_out(tmp_path: Path) -> None:
@@ -703,7 +757,7 @@ def test_access_log_one_line_per_request_never_the_query(app1: App, caplog: pyte
     lines = [r.getMessage() for r in caplog.records if r.name == "fsbridge.http"]
     assert len(lines) == 5
     assert lines[0].startswith("127.0.0.1 GET /hello 200 ")
-    assert lines[1].startswith("127.0.0.1 GET /path/\\r\\nFAKE 200 ")
+    assert lines[1].startswith("127.0.0.1 GET /path/%0d%0aFAKE 200 ")  # as sent, never decoded
     assert lines[2].startswith("127.0.0.1 - - 505 ")
     assert lines[3].startswith("127.0.0.1 - - 400 ")
     assert lines[4].startswith("127.0.0.1 POST /echo 413 ")
@@ -728,7 +782,7 @@ def test_find_head_end() -> None:
 def test_parse_head_unit() -> None:
     head = wire.parse_head(b"POST /a%20b?x=1&y HTTP/1.0\r\nHost: h\r\nContent-Length: 3\r\nConnection: keep-alive")
     assert (head.method, head.path, head.query, head.http11, head.content_length, head.keep_alive) == (
-        "POST", b"/a b", b"x=1&y", False, 3, True)
+        "POST", b"/a%20b", b"x=1&y", False, 3, True)
     with pytest.raises(wire.WireError) as info:
         wire.parse_head(b"GET / HTTP/1.1\r\nHost: h\r\n" + b"X: y\r\n" * wire.MAX_HEADERS)
     assert info.value.status == 431

@@ -23,6 +23,7 @@ import pytest
 from gevent.pywsgi import WSGIServer
 from gevent.server import StreamServer
 
+from fsbridge.config import HttpSettings
 from fsbridge.crm import RetailCRM
 from fsbridge.http import HttpServer, Router
 from fsbridge.http.lookup import RoutingHandler
@@ -33,6 +34,7 @@ from tests.fakes.retailcrm import FakeRetailCRM
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "conf" / "freeswitch" / "scripts" / "fsbridge_route.lua"
+INBOUND = ROOT / "conf" / "freeswitch" / "dialplan" / "fsbridge_inbound.xml"
 PHONE = "+79121234567"
 JOHN = {"id": 1, "firstName": "John", "lastName": "Doe", "email": "john@example.com", "code": "100"}
 FALLBACK = "2000 XML default"
@@ -353,3 +355,13 @@ def test_runs_as_a_command_outside_freeswitch(fake_crm: FakeRetailCRM, tmp_path:
                                 capture_output=True, text=True, env=env, timeout=30)
     assert found.stdout == "bridge {leg_timeout=25}user/100\n"
     assert nobody.stdout == "fallback 2000 XML default\n"
+
+
+def test_the_default_url_is_fsbridges_internal_listener() -> None:
+    # Routing lives on the internal listener only: the public one answers 404 there.
+    assert LUA is not None
+    expected = f"http://{HttpSettings().internal_listen}/routing/manager"
+    out = subprocess.run([LUA, "-e", f"print(dofile({str(SCRIPT)!r}).DEFAULTS.url)"], capture_output=True,
+                         text=True, timeout=30)
+    assert out.stdout.strip() == expected, out.stderr
+    assert f'data="fsbridge_url={expected}"' in INBOUND.read_text()

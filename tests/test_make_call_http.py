@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import urllib.parse
 
 import pytest
@@ -82,6 +83,36 @@ def test_double_click_starts_one_call(running, simulator) -> None:
     assert make_call(base).status_code == 200
     assert make_call(base, phone="+79121234567").status_code == 200
     assert len(simulator.originates) == 1
+
+
+def get_as_written(base: str, target: str) -> int:
+    """GET `target` byte for byte: requests would re-quote the query."""
+    parts = urllib.parse.urlsplit(base)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    try:
+        conn.request("GET", target)
+        reply = conn.getresponse()
+        reply.read()
+        return reply.status
+    finally:
+        conn.close()
+
+
+def test_the_guides_literal_plus_dials_the_plus(running, simulator) -> None:
+    # retailCRM's guide, "Example of request on makeCallUrl", with this config's clientId: a literal +.
+    _, base = running
+    simulator.originate_plays = "outbound_originate_answered"
+    guide = f"/retailcrm/make-call?clientId={CLIENT_ID}&code=100&phone=+79121234567&userId=1"
+    assert get_as_written(base, guide) == 200
+    [orig] = simulator.originates
+    assert "sofia/internal/+79121234567@127.0.0.1:5092" in orig.args
+    # ... the same click as the encoded form: deduplicated, not a second call to another number.
+    assert get_as_written(base, guide.replace("phone=+", "phone=%2B")) == 200
+    assert len(simulator.originates) == 1
+    # Only a leading + is taken literally: elsewhere it is what form encoding says, a space (a separator
+    # here), and no plus is made up.
+    assert get_as_written(base, f"/retailcrm/make-call?clientId={CLIENT_ID}&code=200&phone=7912+123+45+67") == 200
+    assert "sofia/internal/79121234567@127.0.0.1:5092" in simulator.originates[1].args
 
 
 def test_freeswitch_down_is_503(running, simulator) -> None:

@@ -15,7 +15,7 @@ import requests
 import yaml
 
 from fsbridge import logs
-from tests.conftest import API_KEY, CLIENT_ID, RECORD_SECRET, base_url, settings
+from tests.conftest import API_KEY, CLIENT_ID, RECORD_SECRET, base_url, internal_url, settings
 from tests.waiting import until
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -23,8 +23,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def running(start_bridge):
+    """fsbridge and its internal listener's URL (/metrics, /healthz)."""
     bridge = start_bridge()
-    return bridge, base_url(bridge)
+    return bridge, internal_url(bridge)
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -166,8 +167,9 @@ def test_kill_9_mid_stream_loses_no_finished_call(tmp_path, simulator, fake_crm)
 
 def test_metrics_count_http_answers_by_route_and_malformed_events(running, simulator) -> None:
     bridge, base = running
-    requests.get(f"{base}/records/forged-signature/31ff8abf-a4ac-4f83-a050-5a0db45e0c55.wav", timeout=5)
-    requests.get(f"{base}/no/such/path/{'x' * 40}", timeout=5)
+    public = base_url(bridge)
+    requests.get(f"{public}/records/forged-signature/31ff8abf-a4ac-4f83-a050-5a0db45e0c55.wav", timeout=5)
+    requests.get(f"{public}/no/such/path/{'x' * 40}", timeout=5)
     body = b'{"Event-Name":"CHANNEL_CREATE","Unique-ID":"unterminated}'
     simulator.send_raw(b"Content-Length: %d\nContent-Type: text/event-json\n\n" % len(body) + body)
     until(lambda: bridge.listener.malformed_events == 1, what="the malformed event to be counted")
@@ -178,6 +180,20 @@ def test_metrics_count_http_answers_by_route_and_malformed_events(running, simul
     assert metric(text, "fsbridge_esl_events_malformed_total") == 1
     assert "forged-signature" not in text and "x" * 40 not in text, "paths never become labels"
     assert bridge.listener.connected, "a malformed event is skipped, not a reason to reconnect"
+
+
+def test_clients_cut_off_by_the_timeout_are_counted(start_bridge) -> None:
+    import socket
+
+    bridge = start_bridge(http={"timeout": 1})
+    host, port = bridge.http.address
+    for data in (b"GET /logo.svg HTTP/1.1\r\nHost: x\r\n", b"GET /lo"):  # heads that never end
+        with socket.create_connection((host, port), timeout=5) as s:
+            s.sendall(data)
+            assert s.recv(100).startswith(b"HTTP/1.1 408 ")
+    text = requests.get(f"{internal_url(bridge)}/metrics", timeout=5).text
+    assert metric(text, "fsbridge_http_responses_total", route="logo.svg", status="408") == 1
+    assert metric(text, "fsbridge_http_responses_total", route="other", status="408") == 1
 
 
 def test_a_scrape_does_not_hold_up_the_other_greenlets(running) -> None:

@@ -2,6 +2,10 @@
 
 fsbridge answers a handful of GET callbacks from retailCRM and serves recordings; a web framework would
 add dependencies and hide the details that matter here (query parsing, HEAD, streaming, what is logged).
+
+Routes match the raw path (never percent-decoded: `/%6detrics` is not `/metrics`), and each route says
+which methods it takes and how large a body: a request it would refuse is refused from its head alone,
+before any body is read (server.py).
 """
 
 from __future__ import annotations
@@ -15,12 +19,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, Protocol
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote_plus
 
 log = logging.getLogger("fsbridge.http")
 
 # A real callback has four or five parameters; a request with hundreds is an attack on parse time.
 MAX_QUERY_FIELDS = 50
+# The body limit of a route that takes POST and names none of its own (a form is a few hundred bytes).
+DEFAULT_MAX_BODY = 16 * 1024
 
 
 _CGI_HEADERS = {"CONTENT_TYPE", "CONTENT_LENGTH"}
@@ -182,6 +188,8 @@ class _Route:
     handler: Handler
     redact: Callable[[str], str] | None
     parse_query: bool
+    max_body: int
+    literal_plus: frozenset[str]
 
 
 class BadRequest(Exception):
@@ -226,14 +234,30 @@ def loggable(text: str, limit: int = 200) -> str:
     return out if len(out) <= limit else out[:limit] + "..."
 
 
-class Router:
-    """Maps (methods, exact path or path prefix) to handlers; answers 404/405/500 itself.
+def _keep_leading_plus(raw_query: bytes, names: frozenset[str]) -> bytes:
+    """`raw_query` with the leading `+` of the parameters `names` made a real plus sign (`%2B`).
 
-    Exact paths win over prefixes, the longest prefix wins among prefixes. A route that allows GET also
-    answers HEAD (the body is dropped here, the handler's headers are kept).
+    retailCRM's guide shows `phone=+79121234567`: in a form-encoded query a literal `+` is a space, and
+    the number would be dialled without its plus. Only a leading one is recovered: a `+` anywhere else
+    stays a space (a separator the phone check ignores)."""
+    fields = raw_query.split(b"&")
+    for i, item in enumerate(fields):
+        name, eq, value = item.partition(b"=")
+        if eq and value[:1] == b"+" and unquote_plus(name.decode("latin-1"), encoding="latin-1") in names:
+            fields[i] = name + b"=%2B" + value[1:]
+    return b"&".join(fields)
+
+
+class Router:
+    """Maps (methods, exact path or path prefix) to handlers; answers 404/405/413/500 itself.
+
+    Exact paths win over prefixes, the longest prefix wins among prefixes; paths are matched as sent (not
+    percent-decoded). A route that allows GET also answers HEAD (the body is dropped by the server, the
+    handler's headers are kept). A route takes a request body only up to its `max_body`: 0 for a route
+    without POST, `max_body_bytes` by default for one with it.
     """
 
-    def __init__(self, max_body_bytes: int = 1 << 20) -> None:
+    def __init__(self, max_body_bytes: int = DEFAULT_MAX_BODY) -> None:
         self._exact: dict[str, _Route] = {}
         self._prefixes: list[_Route] = []
         self.max_body_bytes = max_body_bytes
@@ -247,21 +271,28 @@ class Router:
         prefix: bool = False,
         redact: Callable[[str], str] | None = None,
         parse_query: bool = True,
+        max_body: int | None = None,
+        literal_plus: Iterable[str] = (),
     ) -> None:
         """Register `handler`. `redact(path)` rewrites the path for the access log (e.g. to hide a
         capability token in it). parse_query=False hands the handler an empty query whatever was sent
-        (not even a malformed or repeated parameter is refused): for URLs that others may decorate."""
+        (not even a malformed or repeated parameter is refused): for URLs that others may decorate.
+        `max_body`: the largest request body the route takes (a larger one is refused with 413 before it
+        is read). `literal_plus`: query parameters whose leading `+` is a plus sign, not a space."""
         wanted = {m.upper() for m in methods}
         if "GET" in wanted:
             wanted.add("HEAD")
-        route = _Route(frozenset(wanted), path, prefix, handler, redact, parse_query)
+        if max_body is None:
+            max_body = self.max_body_bytes if "POST" in wanted else 0
+        route = _Route(frozenset(wanted), path, prefix, handler, redact, parse_query, max(0, max_body),
+                       frozenset(literal_plus))
         if prefix:
             self._prefixes.append(route)
             self._prefixes.sort(key=lambda r: len(r.path), reverse=True)
         else:
             self._exact[path] = route
 
-    def _match(self, path: str) -> _Route | None:
+    def match(self, path: str) -> _Route | None:
         route = self._exact.get(path)
         if route is not None:
             return route
@@ -271,7 +302,7 @@ class Router:
         return None
 
     def loggable_path(self, path: str) -> str:
-        route = self._match(path)
+        route = self.match(path)
         if route is not None and route.redact is not None:
             try:
                 path = route.redact(path)
@@ -279,12 +310,27 @@ class Router:
                 path = route.path + "..."
         return loggable(path)
 
-    def dispatch(self, request: Request) -> Response:
-        route = self._match(request.path)
+    @staticmethod
+    def refusal(route: _Route | None, method: str, body_length: int) -> Response | None:
+        """The answer to a request its route does not take (404, 405, 413), decided from its head alone;
+        None when the route takes it."""
         if route is None:
             return Response.text(404, "not found")
-        if request.method not in route.methods:
+        if method not in route.methods:
             return Response.text(405, "method not allowed", {"Allow": ", ".join(sorted(route.methods))})
+        if body_length > route.max_body:
+            return Response.text(413, "request body too large")
+        return None
+
+    def dispatch(self, request: Request) -> Response:
+        route = self.match(request.path)
+        refused = self.refusal(route, request.method, len(request.body))
+        if refused is not None:
+            return refused
+        return self.call(route, request)  # type: ignore[arg-type]
+
+    def call(self, route: _Route, request: Request) -> Response:
+        """Run the handler of `route` (already checked with `refusal`): its answer, or 500 if it failed."""
         try:
             return route.handler(request)
         except Exception as exc:
@@ -297,17 +343,26 @@ class Router:
             )
             return Response.text(500, "internal error")
 
-    def parse_target(self, path: bytes, raw_query: bytes) -> tuple[str, dict[str, str]]:
-        """(path, query) of a request from its percent-decoded path bytes and its raw query bytes.
-
-        BadRequest for a path or query that is not UTF-8, a repeated query parameter, or more than
-        MAX_QUERY_FIELDS fields. Shared by the WSGI adapter and fsbridge's own server (server.py)."""
+    @staticmethod
+    def decode_path(path: bytes) -> str:
+        """The request path as text (still percent-encoded as sent); BadRequest unless it is UTF-8."""
         try:
-            text = path.decode("utf-8")
-            route = self._match(text)
-            if route is not None and not route.parse_query:
-                raw_query = b""
-            pairs = parse_qsl(raw_query, keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS) if raw_query else []
+            return path.decode("utf-8")
+        except UnicodeError:
+            raise BadRequest("malformed path or query") from None
+
+    @staticmethod
+    def parse_query(route: _Route | None, raw_query: bytes) -> dict[str, str]:
+        """The query of a request for `route` from its raw bytes.
+
+        BadRequest for a query that is not UTF-8, a repeated parameter, or more than MAX_QUERY_FIELDS
+        fields. Shared by the WSGI adapter and fsbridge's own server (server.py)."""
+        if not raw_query or (route is not None and not route.parse_query):
+            return {}
+        if route is not None and route.literal_plus:
+            raw_query = _keep_leading_plus(raw_query, route.literal_plus)
+        try:
+            pairs = parse_qsl(raw_query, keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS)
             query: dict[str, str] = {}
             for raw_name, raw_value in pairs:
                 name, value = raw_name.decode("utf-8"), raw_value.decode("utf-8")
@@ -318,36 +373,48 @@ class Router:
                 query[name] = value
         except (UnicodeError, ValueError):  # not UTF-8, or more than MAX_QUERY_FIELDS fields
             raise BadRequest("malformed path or query") from None
-        return text, query
+        return query
 
-    def _request(self, environ: dict[str, Any]) -> Request:
+    def _request(self, environ: dict[str, Any]) -> tuple[_Route, Request] | Response:
         method = str(environ.get("REQUEST_METHOD", "GET")).upper()
+        # The raw path where the server gives it (RAW_URI: gunicorn; REQUEST_URI: uWSGI); PATH_INFO is
+        # percent-decoded already (PEP 3333: latin-1 code points of the decoded bytes).
+        raw_uri = environ.get("RAW_URI") or environ.get("REQUEST_URI")
         try:
-            # PEP 3333 hands over the percent-decoded path as latin-1 code points of the raw bytes.
-            raw_path = str(environ.get("PATH_INFO", "")).encode("latin-1")
+            if raw_uri:
+                raw_path = str(raw_uri).partition("?")[0].encode("latin-1")
+            else:
+                raw_path = str(environ.get("PATH_INFO", "")).encode("latin-1")
             raw_query = str(environ.get("QUERY_STRING", "")).encode("latin-1")
         except UnicodeError:
             raise BadRequest("malformed path or query") from None
-        path, query = self.parse_target(raw_path, raw_query)
+        path = self.decode_path(raw_path)
+        route = self.match(path)
+        length = str(environ.get("CONTENT_LENGTH") or "0")
+        refused = self.refusal(route, method, int(length) if length.isdigit() else 0)
+        if refused is not None:
+            return refused
+        assert route is not None
+        query = self.parse_query(route, raw_query)
         body = b""
-        if method not in ("GET", "HEAD", "OPTIONS"):
+        if method not in ("GET", "HEAD", "OPTIONS") and route.max_body:
             stream = environ.get("wsgi.input")
             if stream is not None:
-                body = stream.read(self.max_body_bytes + 1)
-                if len(body) > self.max_body_bytes:
+                body = stream.read(route.max_body + 1)
+                if len(body) > route.max_body:
                     raise BadRequest("request body too large", 413)
-        return Request(method, path, query, Headers.from_environ(environ), str(environ.get("REMOTE_ADDR", "")), body)
+        return route, Request(method, path, query, Headers.from_environ(environ),
+                              str(environ.get("REMOTE_ADDR", "")), body)
 
     def wsgi(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         """The WSGI application."""
+        head = str(environ.get("REQUEST_METHOD", "")).upper() == "HEAD"
         try:
-            request = self._request(environ)
+            routed = self._request(environ)
         except BadRequest as exc:
             response = Response.text(exc.status, str(exc))
-            head = False
         else:
-            response = self.dispatch(request)
-            head = request.method == "HEAD"
+            response = routed if isinstance(routed, Response) else self.call(*routed)
 
         body = response.body
         headers = response.headers

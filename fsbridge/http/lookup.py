@@ -1,13 +1,14 @@
 """GET /routing/manager?phone=<caller>: the dialplan's question "who takes this call?".
 
-Asked by FreeSWITCH's Lua script (conf/freeswitch/scripts/fsbridge_route.lua) on the same host. The
+Asked by FreeSWITCH's Lua script (conf/freeswitch/scripts/fsbridge_route.lua) on the same host, on
+fsbridge's internal listener (http.internal_listen; the public one has no such route). The
 answer is 200 text/plain: the extension, or an empty body for "use the fallback"; the script bridges only
 to a body of digits, so any other answer (403, 400, 500) also means the fallback.
 
 The endpoint is not authenticated (FreeSWITCH has no secret to send) but it tells whose customer a number
 is, so only configured networks may ask (loopback by default), and a request that came through a reverse
-proxy is refused whatever its peer address: the TLS proxy in front of fsbridge forwards the CRM's
-callbacks from the internet and would otherwise make every outsider look like 127.0.0.1.
+proxy is refused whatever its peer address: a second fence, should a proxy ever be pointed at the internal
+listener (it would make every outsider look like 127.0.0.1).
 """
 
 from __future__ import annotations

@@ -2,6 +2,9 @@
 
 `?clientId=..&code=100&phone=+7%20(912)%20123-45-67&userId=1[&externalPhone=..]`. retailCRM shows
 any status but 200 as a failure to the manager, so the reason line is meant for them and for logs.
+
+The vendor's guide sends `phone=+79121234567` with a literal `+` (a space in form encoding): the leading
+`+` of `phone` is kept as a plus, as `%2B` is (Router.add's literal_plus).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ class MakeCallHandler:
         self.originator = originator
 
     def register(self, router: Router, path: str = DEFAULT_PATH) -> None:
-        router.add({"GET"}, path, self)
+        router.add({"GET"}, path, self, literal_plus=("phone",))
 
     def __call__(self, request: Request) -> Response:
         denied = check_client_id(request, self.client_id)

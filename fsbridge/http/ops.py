@@ -1,4 +1,4 @@
-"""/metrics and /healthz: for Prometheus, systemd, Docker and load balancers."""
+"""/metrics and /healthz on the internal listener: for Prometheus, systemd, Docker and load balancers."""
 
 from __future__ import annotations
 

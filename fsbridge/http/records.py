@@ -4,9 +4,9 @@ Browsers seek audio with Range requests and need 206 answers, which gevent.pywsg
 conditional requests (ETag / Last-Modified) let players revalidate instead of downloading again.
 
 Behind nginx, `accel_redirect_prefix` makes fsbridge only authorise the request and hand the transfer to
-nginx (zero-copy, Range and conditionals done by nginx). The matching nginx config:
+nginx (zero-copy, Range and conditionals done by nginx). The matching nginx config, added to the server
+block of conf/nginx/fsbridge.conf (whose `location /records/` forwards to fsbridge's public listener):
 
-    location /records/ { proxy_pass http://127.0.0.1:8080; }
     location /_records/ {
         internal;
         alias /var/lib/freeswitch/recordings/;   # the recordings_dir, trailing slash included

@@ -1,16 +1,20 @@
-"""fsbridge's HTTP/1.1 server: gevent StreamServer, Router.dispatch called directly, zero-copy file answers.
+"""fsbridge's HTTP/1.1 server: gevent StreamServer, the router's handlers called directly, zero-copy file answers.
 
 gevent.pywsgi cost ~190 µs of CPU per request before the application ran (environ, rfile, header
 objects, WSGI start_response); fsbridge's own work is ~18 µs. This server parses the head with a few
-regular expressions (wire.py), calls `Router.dispatch(Request) -> Response`, and writes the answer with
+regular expressions (wire.py), calls the route's handler (`Router.call`), and writes the answer with
 one send (bytes bodies) or a send of the head with MSG_MORE followed by os.sendfile (FileBody). WSGI
 stays available as `Router.wsgi` for anyone who wants another server.
 
 Per connection: TCP_NODELAY; keep-alive as HTTP/1.0 and 1.1 define it, capped at max_requests requests;
-pipelined requests answered in order. `timeout` bounds the idle wait for a request; once its first bytes
-are in, the rest of the head must follow within `timeout` however it trickles (slowloris), then the body
-within another `timeout`; every wait for the client to take more of the answer is bounded by `timeout`
-too. Handlers are never timed out by this.
+pipelined requests answered in order. The route, the method and the declared body size are checked from
+the head alone (Router.refusal): a body is read only for a route that takes it, up to that route's own
+limit; otherwise 404/405/413 goes out at once and, unless the body was already in, the connection closes
+(stalled uploads cost a connection, never a buffer). `timeout` bounds the idle wait for a request; once
+its first bytes are in, the rest of the head must follow within `timeout` however it trickles
+(slowloris), then the body within another `timeout` (a 408, logged and counted like any answer, when
+either is late); every wait for the client to take more of the answer is bounded by `timeout` too.
+Handlers are never timed out by this.
 
 Timeouts are not socket timeouts: with one, gevent arms and cancels a timer on every wait, ~10 µs of
 CPU per request. Instead each connection has a deadline, set only while it waits on its client, and one
@@ -18,8 +22,8 @@ periodic timer per server throws TimeoutError into connections whose deadline ha
 gevent.Timeout expires, and nginx's timer tree). Refusals (wire.py) are answered with
 a one-line reason and `Connection: close`, after which the server reads and drops what the client still
 sends for a moment (so the refusal is not lost to a RST). The access log is one line per request:
-address, method, the router's loggable (redacted) path, status, bytes sent, time; never the query string
-(clientId is in it).
+address, method, the router's loggable (redacted) path as sent, status, bytes sent, time; never the
+query string (clientId is in it).
 
 Plain HTTP only: TLS, if wanted, terminates in a reverse proxy in front of fsbridge.
 """
@@ -59,6 +63,9 @@ _COALESCE = 64 * 1024
 _LINGER_SECONDS = 2.0
 _LINGER_BYTES = 1 << 20
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Where lingering connections drop what they still receive: one scratch buffer for all (what lands in it is
+# never looked at), so a flood of unwanted uploads allocates nothing.
+_DISCARD = bytearray(_RECV)
 
 _date_cache: list[Any] = [0, ""]
 
@@ -176,6 +183,7 @@ class _Connection:
     def _read_rest_of_head(self, buf: bytes) -> tuple[bytes, tuple[int, int]] | None:
         """Read until the head is complete: within `timeout` of now, whatever the pace (slowloris), and
         within the limits of wire.check_partial. None when the connection is over."""
+        start = time.monotonic()
         self._wait_for_client()  # one deadline for the whole rest, not one per read
         acc = bytearray(buf)
         try:
@@ -193,19 +201,26 @@ class _Connection:
                 end = wire.find_head_end(acc, scanned)
                 if end is not None:
                     return bytes(acc), end
-        except _Closed:
-            if acc:
-                body = b"request timeout\n"
-                self._send_quietly(self._error_head(408, len(body)) + body)
+        except _Closed as exc:
+            if acc and _was_late(exc):
+                line = wire.request_line_of(acc)
+                head = None if line is None else wire.RequestHead(line[0], line[1], b"", True, {}, 0, False, False)
+                self._timed_out(head, start)
             return None
 
-    def _read_body(self, head: wire.RequestHead) -> bytes | None:
-        """The request body (b"" without one); None when it did not arrive (the connection is over)."""
+    def _timed_out(self, head: wire.RequestHead | None, start: float) -> None:
+        """The client did not finish its request within `timeout`: 408, logged and counted like any answer."""
+        body = b"request timeout\n"
+        self.sent = 0
+        self._send_quietly(self._error_head(408, len(body)) + body)
+        self._log(head, 408, start)
+
+    def _read_body(self, head: wire.RequestHead, start: float) -> bytes | None:
+        """The request body (b"" without one), its size already accepted by the route; None when it did not
+        arrive (the connection is over: 408 if the client was too slow)."""
         need = head.content_length
         if not need:
             return b""
-        if need > self.router.max_body_bytes:
-            raise wire.WireError(413, "request body too large")
         buf = self.buf
         if len(buf) >= need:
             self.buf = buf[need:]
@@ -222,7 +237,9 @@ class _Connection:
                     return None
                 parts.append(data)
                 have += len(data)
-        except _Closed:
+        except _Closed as exc:
+            if _was_late(exc):
+                self._timed_out(head, start)
             return None
         body = b"".join(parts)
         self.buf = body[need:]
@@ -234,22 +251,35 @@ class _Connection:
         """Answer one request. True: go on with the next one; False: close (lingering); None: drop the
         connection now (it is broken, or the answer could not be completed)."""
         self.sent = 0
-        try:
-            body = self._read_body(head)
-        except wire.WireError as exc:
-            self._refuse(exc.status, exc.reason, start, head)
-            return None
-        if body is None:
-            return None
-        self.deadline = None  # the handler takes the time it takes
         router = self.router
+        route = None
         try:
-            path, query = router.parse_target(head.path, head.query)
+            path = router.decode_path(head.path)
+            route = router.match(path)
+            response = router.refusal(route, head.method, head.content_length)
         except BadRequest as exc:
             response = Response.text(exc.status, str(exc))
+        if response is not None:
+            # Refused from the head alone (no such route, a method or a body size it does not take): the
+            # body is not read. Unless all of it is in already, the connection closes after the answer.
+            need = head.content_length
+            if need and len(self.buf) >= need:
+                self.buf = self.buf[need:]
+            elif need:
+                self.buf = b""  # the start of that body: not kept while the connection lingers
+                keep_alive = False
         else:
-            response = router.dispatch(
-                Request(head.method, path, query, Headers.from_lowercase(head.headers), self.remote, body))
+            body = self._read_body(head, start)
+            if body is None:
+                return None
+            self.deadline = None  # the handler takes the time it takes
+            try:
+                query = router.parse_query(route, head.query)
+            except BadRequest as exc:
+                response = Response.text(exc.status, str(exc))
+            else:
+                response = router.call(route, Request(head.method, path, query,  # type: ignore[arg-type]
+                                                      Headers.from_lowercase(head.headers), self.remote, body))
         try:
             status, keep_alive = self._write(head, response, keep_alive)
         except _Closed:
@@ -453,10 +483,10 @@ class _Connection:
                 if left <= 0:
                     break
                 sock.settimeout(left)
-                data = sock.recv(_RECV)
-                if not data:
+                got = sock.recv_into(_DISCARD)
+                if not got:
                     break
-                dropped += len(data)
+                dropped += got
         except OSError:
             pass
 
@@ -492,8 +522,13 @@ def _close(body: object) -> None:
             close()
 
 
+def _was_late(exc: _Closed) -> bool:
+    """Whether the connection ended because the client was late (the watchdog's TimeoutError)."""
+    return isinstance(exc.__cause__, TimeoutError)
+
+
 class HttpServer:
-    """The HTTP listener for retailCRM's callbacks and the record proxy.
+    """One HTTP listener and its router (fsbridge runs two: the public one and the internal one).
 
     zero_copy sends file responses with os.sendfile; timeout bounds the wait for each request (idle
     keep-alive included), the arrival of its body, and each send; max_connections caps concurrent

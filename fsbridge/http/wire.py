@@ -12,13 +12,15 @@ may parse differently (request smuggling lives in those differences):
 - limits on the request line (414), each header line, the number of fields and the whole head (431).
 
 Lines may end in CRLF or a bare LF (RFC 9112 §2.2); a bare CR anywhere is refused.
+
+The path is kept as sent, never percent-decoded: routes match the raw bytes, so `/%6detrics` is not
+`/metrics` (a proxy that allows or denies by raw prefix sees what fsbridge routes on).
 """
 
 from __future__ import annotations
 
 import re
 from http import HTTPStatus
-from urllib.parse import unquote_to_bytes
 
 MAX_REQUEST_LINE = 8192
 MAX_HEADER_LINE = 8192
@@ -63,7 +65,7 @@ class RequestHead:
     def __init__(self, method: str, path: bytes, query: bytes, http11: bool, headers: dict[str, str],
                  content_length: int, keep_alive: bool, expect_continue: bool) -> None:
         self.method = method
-        self.path = path  # percent-decoded bytes
+        self.path = path  # as sent: not percent-decoded
         self.query = query  # raw bytes after the first "?": never log it (clientId)
         self.http11 = http11
         self.headers = headers  # lower-case names; repeated fields joined with ", "
@@ -99,11 +101,10 @@ def check_partial(buf: bytes | bytearray) -> None:
 
 
 def split_target(target: bytes) -> tuple[bytes, bytes]:
-    """(percent-decoded path, raw query) of a request-target.
+    """(path, query) of a request-target, both raw bytes as sent.
 
-    The path is decoded as gevent.pywsgi did (urllib's unquote into latin-1, which the router re-encodes):
-    %XX escapes become bytes, invalid escapes stay as they are, `+` stays `+`, and nothing is normalised
-    (`..` and `//` reach the router as sent). The query is what follows the first `?`, undecoded."""
+    Nothing is decoded or normalised: `%6d` stays `%6d`, `..` and `//` reach the router as sent, so a
+    percent-encoded form of a route's name matches no route. The query is what follows the first `?`."""
     if target[:1] != b"/":
         m = _ABSOLUTE_RE.match(target)
         if m is None:
@@ -112,7 +113,23 @@ def split_target(target: bytes) -> tuple[bytes, bytes]:
         if target[:1] != b"/":
             target = b"/" + target
     path, _, query = target.partition(b"?")
-    return (unquote_to_bytes(path) if b"%" in path else path), query
+    return path, query
+
+
+def request_line_of(partial: bytes | bytearray) -> tuple[str, bytes] | None:
+    """(method, raw path) of an incomplete head whose request line is complete and well formed, else None:
+    what the access log can say about a request cut off before its head ended."""
+    nl = partial.find(b"\n", 0, MAX_REQUEST_LINE + 2)
+    if nl < 0:
+        return None
+    m = _REQUEST_LINE_RE.fullmatch(bytes(partial[:nl]).rstrip(b"\r"))
+    if m is None:
+        return None
+    try:
+        path, _ = split_target(m.group(2))
+    except WireError:
+        return None
+    return m.group(1).decode("ascii"), path
 
 
 def _request_line(line: bytes) -> tuple[str, bytes, bool]:

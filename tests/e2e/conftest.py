@@ -367,7 +367,7 @@ def world(freeswitch: FreeSwitch, fake_crm: Any, tmp_path: Path,
         fs_port=freeswitch.ports.esl, crm_url=fake_crm.url, state_dir=str(tmp_path / "state"),
         freeswitch={"host": freeswitch.host, "password": freeswitch.password, "reconnect_max_delay": 0.5,
                     "reconcile_interval": 5.0},
-        http={"listen": f"127.0.0.1:{http_port}"},
+        http={"listen": f"127.0.0.1:{http_port}", "internal_listen": "127.0.0.1:0"},
         integration={"public_url": public_url},
         records={"dir": str(recordings or tmp_path / "no-recordings"), "link_secret": RECORD_SECRET},
         external_phones={DID_100: "shop1", DID_200: "shop1", DID_GROUP: "shop1", DID_ROUTED: "shop1"},
@@ -393,8 +393,8 @@ def world(freeswitch: FreeSwitch, fake_crm: Any, tmp_path: Path,
             own_uploader.start()
     bridge.start()
     if freeswitch.routed_did:
-        # The routed DID's fsbridge_url names this test's fsbridge (harness.routed_dialplan).
-        freeswitch.api(f"global_setvar e2e_fsbridge_port={bridge.http.address[1]}")
+        # The routed DID's fsbridge_url names this test's fsbridge's internal listener (harness.routed_dialplan).
+        freeswitch.api(f"global_setvar e2e_fsbridge_port={bridge.internal_http.address[1]}")
     sipp = SippFactory(freeswitch.ports, tmp_path / "sipp", fs_host=freeswitch.host)
     # Recordings are checked only where this machine can read FreeSWITCH's recordings directory.
     w = World(fs=freeswitch, crm=fake_crm, bridge=bridge, sipp=sipp, finished=finished, uploader=uploader,

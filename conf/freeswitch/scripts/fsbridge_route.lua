@@ -13,7 +13,7 @@ Channel variables (set them before `lua fsbridge_route.lua`; all optional but th
   fsbridge_fallback         where to go without a manager: a `transfer` destination, "<extension>
                             [XML <context>]", e.g. "2000 XML default" (stock: the sales ring group).
                             A script argument overrides it: `lua fsbridge_route.lua 2000 XML default`
-  fsbridge_url              http://127.0.0.1:8088/routing/manager
+  fsbridge_url              http://127.0.0.1:8090/routing/manager  (fsbridge's http.internal_listen)
   fsbridge_connect_timeout  0.5   seconds to connect to fsbridge
   fsbridge_timeout          2     seconds for the whole lookup
   fsbridge_dial             user/{ext}   dial string of a manager; {ext} is the extension
@@ -35,7 +35,7 @@ prints "bridge <dial string>" or "fallback <destination>" and does nothing else.
 local M = {}
 
 M.DEFAULTS = {
-  url = "http://127.0.0.1:8088/routing/manager",
+  url = "http://127.0.0.1:8090/routing/manager", -- http.internal_listen: routing is not on the public port
   connect_timeout = 0.5,
   timeout = 2.0,
   dial = "user/{ext}",
