@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.conftest import base_url
+from tests.conftest import internal_url
 from tests.waiting import until
 
 
@@ -28,7 +28,7 @@ def simulator() -> Iterator[Any]:
 
 def test_ready_as_soon_as_subscribed_not_at_the_first_heartbeat(start_bridge, simulator) -> None:
     bridge = start_bridge()
-    reply = requests.get(f"{base_url(bridge)}/healthz", timeout=5)
+    reply = requests.get(f"{internal_url(bridge)}/healthz", timeout=5)
     assert reply.status_code == 200, reply.text
     assert reply.json()["checks"]["freeswitch"]["ok"]
 
@@ -36,8 +36,8 @@ def test_ready_as_soon_as_subscribed_not_at_the_first_heartbeat(start_bridge, si
 def test_silence_after_the_subscription_still_turns_readiness_red(start_bridge, simulator) -> None:
     bridge = start_bridge()
     bridge.health.heartbeat_timeout = 0.2   # no heartbeat for longer than this: the connection is suspect
-    until(lambda: requests.get(f"{base_url(bridge)}/healthz", timeout=5).status_code == 503, what="red")
-    check = requests.get(f"{base_url(bridge)}/healthz", timeout=5).json()["checks"]["freeswitch"]
+    until(lambda: requests.get(f"{internal_url(bridge)}/healthz", timeout=5).status_code == 503, what="red")
+    check = requests.get(f"{internal_url(bridge)}/healthz", timeout=5).json()["checks"]["freeswitch"]
     assert check == {"ok": False, "detail": "connected but no event or heartbeat lately"}
     simulator.send_heartbeat()
-    until(lambda: requests.get(f"{base_url(bridge)}/healthz", timeout=5).status_code == 200, what="green again")
+    until(lambda: requests.get(f"{internal_url(bridge)}/healthz", timeout=5).status_code == 200, what="green again")
