@@ -2,16 +2,19 @@
 
 FreeSWITCH is replaced by a stub `session` / `freeswitch` written in Lua (HARNESS below): it records what
 the script asks FreeSWITCH to execute. Both transports the script knows are run: LuaSocket, and curl
-through io.popen. Debian: `apt-get install -y lua5.4 lua-socket` (curl is usually there).
+through io.popen, under each Lua that mod_lua may embed (5.3, 5.4, LuaJIT) found here. Debian:
+`apt-get install -y lua5.3 lua5.4 lua-socket` (curl is usually there).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -39,21 +42,36 @@ PHONE = "+79121234567"
 JOHN = {"id": 1, "firstName": "John", "lastName": "Doe", "email": "john@example.com", "code": "100"}
 FALLBACK = "2000 XML default"
 
-LUA = next((p for p in map(shutil.which, ("lua5.4", "lua5.3", "lua5.2", "lua")) if p), None)
+# mod_lua embeds the Lua FreeSWITCH was built with: 5.3 on Debian 12 (liblua5.3-dev), 5.4 on newer systems, LuaJIT
+# on some packages. Every test runs under each of those found here; LUA is the one of the running test.
+LUAS = {name: path for name in ("lua5.3", "lua5.4", "luajit") if (path := shutil.which(name))}
+if not LUAS:
+    LUAS = {name: path for name in ("lua5.2", "lua") if (path := shutil.which(name))}
+LUA: str | None = next(iter(LUAS.values()), None)
 pytestmark = pytest.mark.skipif(
-    LUA is None, reason="no `lua` binary (Debian: apt-get install -y lua5.4 lua-socket)")
+    not LUAS, reason="no `lua` binary (Debian: apt-get install -y lua5.3 lua5.4 lua-socket)")
 
 
-def _has_luasocket() -> bool:
-    if LUA is None:
-        return False
-    probe = subprocess.run([LUA, "-e", 'require("socket.http")'], capture_output=True, timeout=10)
+@functools.cache
+def _has_luasocket(lua: str) -> bool:
+    probe = subprocess.run([lua, "-e", 'require("socket.http")'], capture_output=True, timeout=10)
     return probe.returncode == 0
 
 
+@pytest.fixture(autouse=True, params=sorted(LUAS) or [None])
+def lua(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str | None:
+    if request.param is None:
+        return None
+    path = LUAS[request.param]
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("transport") == "socket" and not _has_luasocket(path):
+        pytest.skip(f"no LuaSocket for {request.param} (Debian: apt-get install -y lua-socket)")
+    monkeypatch.setattr(sys.modules[__name__], "LUA", path)
+    return path
+
+
 TRANSPORTS = [
-    pytest.param("socket", marks=pytest.mark.skipif(not _has_luasocket(), reason="no LuaSocket for this lua "
-                                                     "(Debian: apt-get install -y lua-socket)")),
+    "socket",
     pytest.param("curl", marks=pytest.mark.skipif(shutil.which("curl") is None, reason="no curl binary")),
 ]
 
