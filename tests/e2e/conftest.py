@@ -35,11 +35,13 @@ from tests.e2e.harness import (
     DID_GROUP,
     DID_ROUTED,
     E2E_CONF,
+    FLOW_DIDS,
     ROOT,
     SHIPPED_INBOUND,
     SHIPPED_SCRIPTS,
     Admin,
     AdminError,
+    EslRecorder,
     Ports,
     SippFactory,
     admin_api,
@@ -95,9 +97,23 @@ class FreeSwitch:
             if time.monotonic() > deadline:
                 raise AssertionError(f"FreeSWITCH ({self.kind}) not ready after {timeout:g} s\n{self.log_tail()}")
             gevent.sleep(0.25)
+        self.warm_up()
 
     def check_alive(self) -> None:
         pass
+
+    def warm_up(self) -> None:
+        """Start mod_sofia's presence thread before the first call. mod_sofia starts it on the first
+        presence event FreeSWITCH fires (PRESENCE_IN, ...), and then sleeps 0.5 s inside the handler
+        (sofia_presence.c, sofia_presence_event_handler: switch_yield(500000)), which runs on the core's
+        event-dispatch thread: every event of every call, to every Event Socket client, is held up that
+        long, once per FreeSWITCH start. A PBX with phones registering pays it before any call; the e2e
+        PBX (no registrations, manage-presence off) paid it on the first call that played music or
+        rang a `user/` dial string, whose `in` card then reached the CRM 0.5 s after the phone's 180."""
+        with Admin(self.host, self.ports.esl, self.password) as admin:
+            reply = admin.command("sendevent PRESENCE_IN\nproto: e2e-warm-up\nfrom: warm-up@127.0.0.1\n"
+                                  "status: warm-up")
+        assert reply.startswith("+OK"), f"sendevent PRESENCE_IN: {reply}"
 
     def restart(self, crash: bool) -> None:
         pytest.skip(self.restart_hint or f"cannot restart a {self.kind} FreeSWITCH")
@@ -319,6 +335,24 @@ class World:
     finished: list[Any]
     uploader: Any = None
     records_url: str | None = None
+    recorders: dict[str, Any] = field(default_factory=dict)
+
+    def capture(self, name: str) -> None:
+        """With FSBRIDGE_E2E_CAPTURE_DIR set, record this test's Event Socket traffic as the capture `name`
+        (`event plain ALL` and `event json ALL` connections), saved when the test passed."""
+        where = os.environ.get("FSBRIDGE_E2E_CAPTURE_DIR")
+        if not where:
+            return
+        for fmt in ("plain", "json"):
+            self.recorders[str(Path(where) / f"{name}.{fmt}.raw")] = EslRecorder(
+                self.fs.host, self.fs.ports.esl, self.fs.password, fmt)
+        gevent.sleep(0.3)
+
+    def save_captures(self) -> None:
+        # The last DESTROYs and a HEARTBEAT or two come after the call: keep them, as the lab did.
+        gevent.sleep(1.5)
+        for path, recorder in self.recorders.items():
+            recorder.save(Path(path))
 
     def events(self) -> list[tuple[str, str, list[str], str | None, str | None]]:
         return [(e["type"], e["phone"], e["codes"], e.get("externalPhone"), e.get("hangupStatus"))
@@ -370,7 +404,8 @@ def world(freeswitch: FreeSwitch, fake_crm: Any, tmp_path: Path,
         http={"listen": f"127.0.0.1:{http_port}", "internal_listen": "127.0.0.1:0"},
         integration={"public_url": public_url},
         records={"dir": str(recordings or tmp_path / "no-recordings"), "link_secret": RECORD_SECRET},
-        external_phones={DID_100: "shop1", DID_200: "shop1", DID_GROUP: "shop1", DID_ROUTED: "shop1"},
+        external_phones={DID_100: "shop1", DID_200: "shop1", DID_GROUP: "shop1", DID_ROUTED: "shop1",
+                         **dict.fromkeys(FLOW_DIDS, "shop1")},
         # Click-to-call: the manager's phone by the default template (user/{code}: the directory's users
         # dial the SIPp phones), the customer on the SIPp UAS that plays the customer.
         originate={"customer_dial": f"sofia/internal/{{phone}}@127.0.0.1:{freeswitch.ports.customer}",
@@ -378,7 +413,8 @@ def world(freeswitch: FreeSwitch, fake_crm: Any, tmp_path: Path,
     )
     if hasattr(config, "HistorySettings"):
         # Retry quickly: the outage scenarios wait for the history to go out once the CRM is back.
-        raw["history"] = {"retry_max_delay": 1}
+        # A customer who gave up in a queue before any agent was offered the call is credited to 200.
+        raw["history"] = {"retry_max_delay": 1, "unassigned_code": "200"}
     cfg = config.from_mapping(raw, env={})
     finished: list[Any] = []
     sinks: list[Callable[[Any], None]] = [finished.append]
@@ -404,6 +440,8 @@ def world(freeswitch: FreeSwitch, fake_crm: Any, tmp_path: Path,
         yield w
     finally:
         failed = getattr(request.node, "rep_call", None)
+        if w.recorders and failed is not None and failed.passed:
+            w.save_captures()
         if failed is not None and failed.failed:
             print(f"\n===== SIPp =====\n{sipp.logs()}\n===== FreeSWITCH ({freeswitch.kind}) =====\n"
                   f"{freeswitch.log_tail()}")

@@ -33,6 +33,16 @@ DID_200 = "74999999998"    # rings extension 200
 DID_GROUP = "74999999997"  # rings 100 and 200 at once
 DID_ROUTED = "74999999996"  # conf/freeswitch/dialplan/fsbridge_inbound.xml: the Lua script asks fsbridge
 ROUTED_FALLBACK = "100"     # where the routed DID goes without a responsible manager
+# The contact-center flows (tests/e2e/test_flows.py, dialplan/public.xml)
+DID_QUEUE_RINGALL = "74999999990"  # mod_callcenter queue, ring-all, agents 100 and 200
+DID_QUEUE_IDLE = "74999999989"     # mod_callcenter queue, longest-idle-agent
+DID_QUEUE_EMPTY = "74999999988"    # a queue without agents
+DID_VOICEMAIL = "74999999987"      # 100 rings 4 s, then 100's voicemail
+DID_FORWARD = "74999999986"        # user/100@forward.e2e: 100 forwarded to a mobile through a gateway
+DID_LOOPBACK = "74999999985"       # ring group 100 + 200 through loopback/
+DID_PICKUP = "74999999984"         # rings 100; **100 intercepts it
+FLOW_DIDS = (DID_QUEUE_RINGALL, DID_QUEUE_IDLE, DID_QUEUE_EMPTY, DID_VOICEMAIL, DID_FORWARD, DID_LOOPBACK,
+             DID_PICKUP)
 SHIPPED_INBOUND = ROOT / "conf" / "freeswitch" / "dialplan" / "fsbridge_inbound.xml"
 SHIPPED_SCRIPTS = ROOT / "conf" / "freeswitch" / "scripts"
 
@@ -154,6 +164,14 @@ class Admin:
             headers, body = self._read()
             if headers.get("Content-Type") == "api/response":
                 return body.decode("utf-8", "replace")
+
+    def command(self, text: str) -> str:
+        """A command other than `api` (`sendevent ...`): its Reply-Text."""
+        self.sock.sendall(f"{text}\n\n".encode())
+        while True:
+            headers, _ = self._read()
+            if headers.get("Content-Type") == "command/reply":
+                return headers.get("Reply-Text", "")
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -284,7 +302,7 @@ class SippFactory:
         then 486), "dnd" (486 at once), "ring" (never picked up) or "transfer"."""
         port = {"100": self.ports.ext100, "200": self.ports.ext200, "customer": self.ports.customer}[ext]
         scenario = {"answer": "uas_answer.xml", "talk": "uas_talk.xml", "busy": "uas_busy.xml", "dnd": "uas_dnd.xml",
-                    "ring": "uas_ring.xml", "transfer": "uas_transfer.xml"}[behaviour]
+                    "ring": "uas_ring.xml", "transfer": "uas_transfer.xml", "hold": "uas_hold.xml"}[behaviour]
         name = self._name(f"phone{ext}-{behaviour}")
         argv = [*self._common(name, scenario, port), "-d", str(ring_ms)]
         # The one who talks plays the customer's voice; the others echo what they hear.
@@ -305,6 +323,14 @@ class SippFactory:
         name = self._name(f"customer-{behaviour}")
         argv = [*self._common(name, scenario, free_port(socket.SOCK_DGRAM)),
                 f"{self.fs_host}:{self.ports.sip}", "-s", dialled, "-key", "caller", caller, "-d", str(hold_ms)]
+        return self._start(name, argv)
+
+    def extension_dials(self, dialled: str, caller: str) -> Sipp:
+        """Extension `caller` dials `dialled` (a pickup code, a parking slot) and stays on the call until
+        FreeSWITCH hangs it up."""
+        name = self._name(f"ext{caller}-dials")
+        argv = [*self._common(name, "uac_wait.xml", free_port(socket.SOCK_DGRAM)),
+                f"{self.fs_host}:{self.ports.sip}", "-s", dialled, "-key", "caller", caller]
         return self._start(name, argv)
 
     def stop_all(self) -> None:
@@ -392,3 +418,48 @@ def read_wav(data: bytes) -> WavInfo:
         mine = samples[ch::channels]
         rms.append(math.sqrt(sum(s * s for s in mine) / len(mine)) if mine else 0.0)
     return WavInfo(channels, rate, frames / rate if rate else 0.0, tuple(rms))
+
+
+# -- capturing the Event Socket traffic of a flow (tests/fixtures/esl/) ------------------------------
+
+class EslRecorder:
+    """A connection that sent `auth` and `event <fmt> ALL`, keeping every byte FreeSWITCH sent it
+    and the commands beside (the format of tests/fixtures/esl/*.raw and *.raw.sent.txt)."""
+
+    def __init__(self, host: str, port: int, password: str, fmt: str) -> None:
+        import time
+
+        import gevent
+
+        self.fmt = fmt
+        self.t0 = time.monotonic()
+        self.sent: list[str] = []
+        self.data = bytearray()
+        self.sock = socket.create_connection((host, port), timeout=10)
+        self._command(f"auth {password}")
+        self._command(f"event {fmt} ALL")
+        self._reader = gevent.spawn(self._read)
+
+    def _command(self, text: str) -> None:
+        import time
+
+        self.sent.append(f"{time.monotonic() - self.t0:.3f} {text}")
+        self.sock.sendall(f"{text}\n\n".encode())
+
+    def _read(self) -> None:
+        self.sock.settimeout(None)
+        while True:
+            try:
+                chunk = self.sock.recv(65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            self.data += chunk
+
+    def save(self, path: Path) -> None:
+        self._reader.kill()
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        path.write_bytes(bytes(self.data))
+        Path(f"{path}.sent.txt").write_text("\n".join(self.sent) + "\n")
