@@ -274,3 +274,17 @@ def test_manager_busy_without_ringing_is_still_the_manager_of_the_missed_call() 
     assert rec.cards == [], "no ring, no card"
     [call] = rec.finished
     assert (call.manager_code, call.result, call.answered) == ("200", "busy", False)
+
+
+def test_a_voicemail_message_does_not_replace_the_calls_recording() -> None:
+    # The voicemail capture with its two RECORD_STOPs (record_session's <uuid>.wav and the voicemail
+    # message) in the other order: the call's recording is still the record_session one.
+    evs = capture.events("voicemail")
+    stops = [i for i, e in enumerate(evs) if e.get("Event-Name") == "RECORD_STOP"]
+    assert len(stops) == 2
+    evs[stops[0]], evs[stops[1]] = evs[stops[1]], evs[stops[0]]
+    assert "voicemail/" in evs[stops[1]]["Record-File-Path"]
+    rec = Recorder().feed(evs)
+    [call] = rec.finished
+    assert call.recording_path.rsplit("/", 1)[-1] == f"{capture.legs(evs)[0]}.wav"
+    assert (call.answered, call.result, call.manager_code) == (False, "no answer", "100")

@@ -40,6 +40,8 @@ class Leg:
     end_us: int = 0
     hangup_cause: str = ""
     last_seen: int = 0            # the tracker's event counter when this leg was last touched
+    loopback_peer: str = ""       # the other half of a loopback/ pair (loopback-a <-> loopback-b)
+    partner: str = ""             # the leg it is bridged to, while it is
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +88,21 @@ def classify(ev: Event, directory: Directory, created_us: int) -> Leg:
     trunk = directory.is_trunk(ev)
     managers = directory.managers
     role, code, number = OTHER, None, ""
+    if ev.get("Channel-Name", "").startswith("loopback/"):
+        # Rule (loopback legs): a loopback/ pair (FusionPBX ring groups and follow-me dial through it) is
+        # FreeSWITCH talking to itself. Its -a half carries the customer's caller id and the extension
+        # dialled, its -b half enters the dialplan like a new inbound call: neither is a customer or a
+        # manager. The tracker joins both to the customer's call and looks through them at bridges.
+        return Leg(uuid=ev["Unique-ID"], role=OTHER, inbound=inbound, code=None, number="",
+                   dialled=normalize_number(dialled), caller_id=normalize_number(caller_id), created_us=created_us,
+                   loopback_peer=ev.get("variable_other_loopback_leg_uuid", ""))
+    dialed_user = ev.get("variable_dialed_user", "")
+    if not inbound and dialed_user in managers:
+        # Rule (forwarding): FreeSWITCH sets dialed_user on the leg it creates for `user/100`. That leg
+        # is manager 100's wherever the directory sends it: their desk phone, or their mobile through a
+        # trunk when 100 forwards its calls (call forwarding, follow-me). Not a customer.
+        return Leg(uuid=ev["Unique-ID"], role=MANAGER, inbound=False, code=dialed_user, number="",
+                   dialled=normalize_number(dialled), caller_id=normalize_number(caller_id), created_us=created_us)
     if inbound:
         # A phone registered as extension 100 calls in with its user name and caller id.
         user = ev.get("variable_sip_from_user") or ev.get("Caller-Username") or caller_id

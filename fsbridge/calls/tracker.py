@@ -28,9 +28,12 @@ _RINGING = frozenset({"CHANNEL_PROGRESS", "CHANNEL_PROGRESS_MEDIA", "CHANNEL_ANS
 # Events that show a channel is alive; others about a channel we do not know (a late
 # DESTROY after the call was closed) must not resurrect it.
 _ALIVE = _RINGING | {"CHANNEL_CREATE", "CHANNEL_BRIDGE"}
-# How a new leg names the leg it was created for.
+# How a new leg names the leg it was created for (a loopback-b half: its -a half, or the leg that dialled it).
 _PARENT_VARIABLES = ("variable_originating_leg_uuid", "variable_cc_member_session_uuid",
-                     "variable_fifo_bridge_uuid")
+                     "variable_fifo_bridge_uuid", "variable_other_loopback_leg_uuid",
+                     "variable_other_loopback_from_uuid")
+# A bridge is looked through at most this many loopback pairs.
+_MAX_LOOPBACK_HOPS = 8
 
 
 @dataclass(slots=True, eq=False)
@@ -187,6 +190,10 @@ class CallTracker:
         if a is None or b is None:
             return
         a.last_seen = b.last_seen = self.seen
+        a.partner, b.partner = b.uuid, a.uuid
+        # Rule (loopback legs): the customer bridged to loopback/100-a talks to whoever loopback/100-b is
+        # bridged to. The two bridges come in either order; the second one finds both ends.
+        a, b = self._through_loopback(a), self._through_loopback(b)
         roles = {a.role: a, b.role: b}
         customer, manager = roles.get(CUSTOMER), roles.get(MANAGER)
         if customer is None or manager is None:
@@ -208,15 +215,39 @@ class CallTracker:
         if call.direction == "in" and manager.code and manager.code not in call.announced:
             self._announce(call, "in", [manager.code])
 
+    def _through_loopback(self, leg: Leg) -> Leg:
+        """The leg at the far end of a chain of loopback pairs (the leg itself if it is no loopback leg,
+        or if the far side is not bridged yet)."""
+        for _ in range(_MAX_LOOPBACK_HOPS):
+            peer = self.legs.get(leg.loopback_peer) if leg.loopback_peer else None
+            far = self.legs.get(peer.partner) if peer is not None and peer.partner else None
+            if far is None:
+                return leg
+            leg = far
+        return leg
+
     def _record_stop(self, ev: Event, leg: Leg) -> None:
         if leg.call is None:
             return
         path = ev.get("Record-File-Path") or ev.get("variable_record_file_path")
+        if path and self._named_after_a_leg(leg.call, leg.call.recording_path) \
+                and not self._named_after_a_leg(leg.call, path):
+            # Rule (the recording): the call's recording is the record_session named after one of its legs
+            # (<uuid>.wav, docs/deploy.md). Other files recorded on the same leg, such as the message the
+            # customer left in a voicemail box (voicemail/<domain>/<ext>/msg_<uuid>.wav), do not replace it.
+            return
         if path:
             leg.call.recording_path = path
             ms = ev.get("variable_record_ms") or ev.get("variable_record_seconds")
             if ms and ms.isdigit():
                 leg.call.recording_ms = int(ms) if ev.get("variable_record_ms") else int(ms) * 1000
+
+    @staticmethod
+    def _named_after_a_leg(call: Call, path: str | None) -> bool:
+        if not path:
+            return False
+        stem = path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        return any(lg.uuid == stem for lg in call.legs)
 
     def _hangup_complete(self, ev: Event, leg: Leg) -> None:
         end = _int(ev.get("variable_end_uepoch")) or _int(ev.get("Event-Date-Timestamp"))
@@ -255,7 +286,9 @@ class CallTracker:
             result = outcome.ANSWERED
             cause = first.hangup_cause
         else:
-            counterparts = [lg for lg in call.legs if lg is not first and lg.role != first.role]
+            # Loopback halves only mirror the legs they connect: their causes say nothing of their own.
+            counterparts = [lg for lg in call.legs
+                            if lg is not first and lg.role != first.role and not lg.loopback_peer]
             result = outcome.unanswered_outcome([lg.hangup_cause for lg in counterparts], first.hangup_cause)
             telling = [lg.hangup_cause for lg in counterparts
                        if lg.hangup_cause and lg.hangup_cause not in outcome.NOT_THE_CALLS_END]

@@ -339,7 +339,7 @@ class World:
 
     def capture(self, name: str) -> None:
         """With FSBRIDGE_E2E_CAPTURE_DIR set, record this test's Event Socket traffic as the capture `name`
-        (`event plain ALL` and `event json ALL` connections), saved when the test passed."""
+        (`event plain ALL` and `event json ALL` connections), saved when the test ends, passed or not."""
         where = os.environ.get("FSBRIDGE_E2E_CAPTURE_DIR")
         if not where:
             return
@@ -440,7 +440,7 @@ def world(freeswitch: FreeSwitch, fake_crm: Any, tmp_path: Path,
         yield w
     finally:
         failed = getattr(request.node, "rep_call", None)
-        if w.recorders and failed is not None and failed.passed:
+        if w.recorders:
             w.save_captures()
         if failed is not None and failed.failed:
             print(f"\n===== SIPp =====\n{sipp.logs()}\n===== FreeSWITCH ({freeswitch.kind}) =====\n"

@@ -172,6 +172,8 @@ def test_queue_abandoned_after_agents_were_rung(world: World) -> None:
     world.wait_events(2)
     assert cards(world) == [("in", ("100", "200"), DID_QUEUE_RINGALL, None),
                             ("hangup", ("100", "200"), DID_QUEUE_RINGALL, "cancel")]
+    check_card_delay(world, first, "100")
+    check_card_delay(world, second, "200")
     call = only_call(world)
     assert not call.answered and set(call.codes) == {"100", "200"}
     check_history(world, call.call_id, result="no answer", code=call.manager_code, did=DID_QUEUE_RINGALL)
@@ -229,21 +231,22 @@ def test_attended_transfer_completed(world: World) -> None:
 
 def test_attended_transfer_not_answered_customer_taken_back(world: World) -> None:
     world.capture("attended_transfer_no_answer")
-    first = world.sipp.phone("100", "talk", ring_ms=1000, hold_ms=10000)
-    second = world.sipp.phone("200", "ring")
-    customer = world.sipp.customer(DID_100, "talk", hold_ms=20000)
+    first = world.sipp.phone("100", "answer", ring_ms=1000)
+    second = world.sipp.phone("200", "ring")  # rings 4 s (originate_timeout), then 100 takes the customer back
+    customer = world.sipp.customer(DID_100, "talk", hold_ms=12000)
     attended_transfer(world, "200")
+    customer.ok()
     first.ok()
     second.ok()
-    customer.ok()
 
     world.wait_events(3)
     assert cards(world) == [("in", ("100",), DID_100, None), ("in", ("200",), DID_100, None),
                             ("hangup", ("100", "200"), DID_100, "answered")]
+    check_card_delay(world, first, "100")
+    check_card_delay(world, second, "200")
     call = only_call(world)
     assert call.manager_code == "100", "200 never talked: the call stays 100's"
-    check_history(world, call.call_id, result="answered", code="100", did=DID_100, talk_s=call.duration,
-                  recorded=True)
+    check_history(world, call.call_id, result="answered", code="100", did=DID_100, talk_s=12, recorded=True)
 
 
 def test_hold_with_music(world: World) -> None:
@@ -255,6 +258,7 @@ def test_hold_with_music(world: World) -> None:
 
     world.wait_events(2)
     assert cards(world) == [("in", ("100",), DID_100, None), ("hangup", ("100",), DID_100, "answered")]
+    check_card_delay(world, phone, "100")
     call = only_call(world)
     assert call.manager_code == "100"
     check_history(world, call.call_id, result="answered", code="100", did=DID_100, talk_s=6, recorded=True)
@@ -273,6 +277,7 @@ def test_park_and_retrieve(world: World) -> None:
     world.wait_events(3)
     assert cards(world) == [("in", ("100",), DID_100, None), ("in", ("200",), DID_100, None),
                             ("hangup", ("100", "200"), DID_100, "answered")]
+    check_card_delay(world, first, "100")
     call = only_call(world)
     assert call.manager_code == "200", "credited to the manager who took the call from the lot"
     check_history(world, call.call_id, result="answered", code="200", did=DID_100, talk_s=10, recorded=True)
