@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gevent
+import gevent.pool
 from gevent.server import StreamServer
 
 _MAX_REQUEST_HEAD = 64 * 1024
@@ -86,7 +87,8 @@ class RawHttpServer:
         self.on_idle: Callable[[Peer], None] | None = None
         self.connections = 0
         self.requests: list[Request] = []
-        self._server = StreamServer(("127.0.0.1", 0), self._handle)
+        # A pool, so that stop() ends the scripts still trickling.
+        self._server = StreamServer(("127.0.0.1", 0), self._handle, spawn=gevent.pool.Pool())
 
     def start(self) -> RawHttpServer:
         self._server.start()
