@@ -234,11 +234,12 @@ class RetailCRM:
         details: bool = False,
         ignore_status: bool = False,
         timeout: float | None = None,
+        attempts: int | None = None,
     ) -> dict[str, Any] | None:
         """The manager the CRM would route `phone` to, or None.
 
         `timeout` bounds the whole call, retries included: routing happens while the
-        caller hears ringing, so a late answer is worth no more than none.
+        caller hears ringing, so a late answer is worth no more than none. `attempts` caps the tries.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         reply = self.request(
@@ -246,6 +247,7 @@ class RetailCRM:
             "/api/v5/telephony/manager",
             params={"phone": phone, "details": details, "ignoreStatus": ignore_status},
             deadline=deadline,
+            attempts=attempts,
         )
         manager = reply.get("manager")
         # The reply omits the key or sends null alike when nobody is free.
