@@ -2,12 +2,13 @@
 
     python3 -m bench.bench_transport [--requests 3000] [--rounds 5]
 
-One local keep-alive HTTP/1.1 server in its own process (so that its CPU is not counted) answers every
-request with retailCRM's `{"success":true}`. This process sends it the same request through each client in
-turn, one at a time on one kept-alive connection: a call event as fsbridge sends it (a form POST to
-/api/v5/telephony/call/event with the API key, ~300 bytes). The process is gevent monkey-patched, as
-`fsbridge run` is, so every client uses the sockets it would use in production. Measured: CPU time of this
-process (user + system) per request, the median over --rounds interleaved rounds, and wall time.
+One local keep-alive HTTP/1.1 server in its own process (tests/fakes/raw_http.py, so that its CPU is not
+counted) answers every request with retailCRM's `{"success":true}` behind nginx's usual fields. This
+process sends it the same request through each client in turn, one at a time on one kept-alive connection:
+a call event as fsbridge sends it (a form POST to /api/v5/telephony/call/event with the API key and a
+~260-byte body). The process is gevent monkey-patched, as `fsbridge run` is, so every client uses the sockets it
+would use in production. Measured: CPU time of this process (user + system) per request, the median over
+--rounds interleaved rounds, and wall time.
 
 Issue 11 keeps fsbridge's own transport only while it stays far ahead of urllib3 (goal: urllib3 costs at
 least 3× its CPU per request) and passes tests/test_crm_transport_hostile.py; otherwise fsbridge should use
@@ -17,11 +18,8 @@ urllib3 directly. Exits 1 when the goal is missed.
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,9 +34,6 @@ HEADERS = {
     "Content-Type": "application/x-www-form-urlencoded",
 }
 REPLY_BODY = b'{"success":true}'
-REPLY = (b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Thu, 01 Jan 2026 00:00:00 GMT\r\n"
-         b"Content-Type: application/json; charset=UTF-8\r\nContent-Length: %d\r\nConnection: keep-alive\r\n"
-         b"Cache-Control: no-cache, private\r\n\r\n%s" % (len(REPLY_BODY), REPLY_BODY))
 
 
 def call_event_body() -> bytes:
@@ -48,43 +43,6 @@ def call_event_body() -> bytes:
     event = {"phone": "+79001234567", "type": "in", "codes": ["100", "200"], "userIds": [1, 2],
              "callExternalId": "4f2b1c7e-9a3d-4e61-8c5f-2d7e9b0a1c3f", "externalPhone": "+74999999999"}
     return form_body(encode_form({"event": event}))
-
-
-# -- the server, in its own process ---------------------------------------------------------------------
-
-
-def serve() -> None:
-    """Plain threads, no gevent: answers each request of each connection at once."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    print(listener.getsockname()[1], flush=True)
-
-    def connection(conn: socket.socket) -> None:
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as nginx in front of retailCRM
-        buf = b""
-        with conn:
-            while True:
-                while b"\r\n\r\n" not in buf:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    buf += data
-                head, _, buf = buf.partition(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n")[1:]:
-                    name, _, value = line.partition(b":")
-                    if name.strip().lower() == b"content-length":
-                        length = int(value)
-                while len(buf) < length:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    buf += data
-                buf = buf[length:]
-                conn.sendall(REPLY)
-
-    while True:
-        conn, _ = listener.accept()
-        threading.Thread(target=connection, args=(conn,), daemon=True).start()
 
 
 # -- the clients ----------------------------------------------------------------------------------------
@@ -145,11 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median is reported")
     args = parser.parse_args(argv)
 
-    server = subprocess.Popen([sys.executable, "-m", "bench.bench_transport", "--serve"], cwd=ROOT,
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert server.stdout is not None
-        url = f"http://127.0.0.1:{int(server.stdout.readline())}"
+    sys.path.insert(0, str(ROOT))
+    from tests.fakes.raw_http import canned_reply_process
+
+    with canned_reply_process(len(REPLY_BODY)) as url:
         body = call_event_body()
         clients = {name: make(url, body) for name, make in CLIENTS.items()}
         for send in clients.values():  # connect, import lazily loaded modules, warm caches
@@ -161,9 +118,6 @@ def main(argv: list[str] | None = None) -> int:
                 c, w = measure(send, args.requests)
                 cpu[name].append(c / args.requests * 1e6)
                 wall[name].append(w / args.requests * 1e6)
-    finally:
-        server.kill()
-        server.wait()
 
     base = statistics.median(cpu["fsbridge Transport"])
     print(f"{args.rounds} rounds x {args.requests} form POSTs ({len(body)} bytes) per client, one kept-alive "
@@ -180,7 +134,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--serve"]:
-        serve()
-    else:
-        sys.exit(main())
+    sys.exit(main())

@@ -120,33 +120,43 @@ class RawHttpServer:
         peer = Peer(sock)
         buf = b""
         n = 0
-        while not peer.closed:
-            try:
-                while b"\r\n\r\n" not in buf:
-                    data = sock.recv(65536)
-                    if not data or len(buf) > _MAX_REQUEST_HEAD:
-                        return
-                    buf += data
-                head, _, buf = buf.partition(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n")[1:]:
-                    name, _, value = line.partition(b":")
-                    if name.strip().lower() == b"content-length":
-                        length = int(value)
-                while len(buf) < length:
-                    data = sock.recv(65536)
-                    if not data:
-                        return
-                    buf += data
-            except OSError:
-                return
-            body, buf = buf[:length], buf[length:]
+        while not peer.closed and (got := read_request(sock, buf)) is not None:
+            head, body, buf = got
             n += 1
             request = Request(head, body, connection, n)
             self.requests.append(request)
             self.script(peer, request)
             if not peer.closed and self.on_idle is not None:
                 self.on_idle(peer)
+
+
+def read_request(sock: socket.socket, buf: bytes) -> tuple[bytes, bytes, bytes] | None:
+    """The next request on `sock` after what `buf` already holds: (head, body, what is left); None when the
+    connection ended. Only as much HTTP as the clients under test send: a head, then a Content-Length body."""
+    try:
+        return _read_request(sock, buf)
+    except OSError:
+        return None
+
+
+def _read_request(sock: socket.socket, buf: bytes) -> tuple[bytes, bytes, bytes] | None:
+    while b"\r\n\r\n" not in buf:
+        data = sock.recv(65536)
+        if not data or len(buf) > _MAX_REQUEST_HEAD:
+            return None
+        buf += data
+    head, _, buf = buf.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(buf) < length:
+        data = sock.recv(65536)
+        if not data:
+            return None
+        buf += data
+    return head, buf[:length], buf[length:]
 
 
 def reply(status: str = "200 OK", body: bytes = b'{"success":true}', *fields: str) -> bytes:
@@ -160,8 +170,9 @@ def reply(status: str = "200 OK", body: bytes = b'{"success":true}', *fields: st
 
 @contextlib.contextmanager
 def canned_reply_process(length: int) -> Iterator[str]:
-    """A server in its own process answering every request with a `length`-byte JSON-ish body (Content-Length
-    framing), written as fast as the client reads; yields its base URL."""
+    """A server in its own process (plain threads, no gevent) answering every request with the same reply:
+    a JSON body of `length` bytes (at least 16: `{"success":true}`) after the fields nginx in front of
+    retailCRM sends, written as fast as the client reads. Yields its base URL."""
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.Popen([sys.executable, "-m", "tests.fakes.raw_http", str(length)], cwd=root,
                             stdout=subprocess.PIPE, text=True)
@@ -174,24 +185,24 @@ def canned_reply_process(length: int) -> Iterator[str]:
         proc.wait()
 
 
+def canned_body(length: int) -> bytes:
+    return b'{"success":true}' if length <= 25 else b'{"success":true,"pad":"' + b"x" * (length - 25) + b'"}'
+
+
 def _serve_canned(length: int) -> None:
     import threading
 
-    body = b'{"success":true,"pad":"' + b"x" * max(length - 25, 0) + b'"}'
-    whole = reply("200 OK", body)
+    whole = reply("200 OK", canned_body(length), "Server: nginx", "Date: Thu, 01 Jan 2026 00:00:00 GMT",
+                  "Connection: keep-alive", "Cache-Control: no-cache, private")
     listener = socket.create_server(("127.0.0.1", 0))
     print(listener.getsockname()[1], flush=True)
 
     def serve(conn: socket.socket) -> None:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as nginx in front of retailCRM
         with conn:
             buf = b""
-            while True:
-                while b"\r\n\r\n" not in buf:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    buf += data
-                _, _, buf = buf.partition(b"\r\n\r\n")  # the benchmarks' and tests' GETs carry no body
+            while (got := read_request(conn, buf)) is not None:
+                buf = got[2]
                 conn.sendall(whole)
 
     while True:
