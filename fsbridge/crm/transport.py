@@ -13,10 +13,11 @@ carry a phone number) and no header (X-API-KEY).
 Why our own and not urllib3 (issue 11): it stays only while it is far cheaper than urllib3 and passes the
 hostile-server suite (tests/test_crm_transport_hostile.py: framing by RFC 9112, one deadline per request,
 no POST sent twice, large replies read without holding the hub). Decided by
-`python3 -m bench.bench_transport` (a call-event POST on one kept-alive loopback connection, gevent-patched,
-2-vCPU VM, 2026-12-04): fsbridge 78 µs of CPU per request, urllib3's PoolManager 494 µs (6.4×),
-requests.Session 895 µs (11.5×); the goal is urllib3 ≥ 3×. If a later run misses it, or the suite finds
-something this cannot handle simply, switch to urllib3 (it comes with requests).
+`python3 -m bench.bench_transport` (a call-event POST on one kept-alive loopback connection, gevent-patched;
+three runs on a shared 2-vCPU VM, 2026-12-04): fsbridge 58-87 µs of CPU per request, urllib3's PoolManager
+478-496 µs (5.7-8.3×), requests.Session 895-937 µs (10.7-16.1×); the goal is urllib3 ≥ 3×. So: our own,
+kept. If a later run misses the goal, or the suite finds something this cannot handle simply, switch to
+urllib3 (it comes with requests).
 
 What it accepts: a status line `HTTP/1.0|1.1 NNN reason`; field lines of a token, a colon and visible
 characters (no space before the colon, no folding, no control characters); a body framed by chunked
