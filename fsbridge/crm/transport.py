@@ -15,7 +15,7 @@ hostile-server suite (tests/test_crm_transport_hostile.py: framing by RFC 9112, 
 no POST sent twice, large replies read without holding the hub). Decided by
 `python3 -m bench.bench_transport` (a call-event POST on one kept-alive loopback connection, gevent-patched;
 three runs on a shared 2-vCPU VM, 2026-12-04): fsbridge 58-87 µs of CPU per request, urllib3's PoolManager
-478-496 µs (5.7-8.3×), requests.Session 895-937 µs (10.7-16.1×); the goal is urllib3 ≥ 3×. So: our own,
+478-496 µs (5.7-8.3×), requests.Session 840-937 µs (10.7-16.1×); the goal is urllib3 ≥ 3×. So: our own,
 kept. If a later run misses the goal, or the suite finds something this cannot handle simply, switch to
 urllib3 (it comes with requests).
 
