@@ -234,11 +234,12 @@ class RetailCRM:
         details: bool = False,
         ignore_status: bool = False,
         timeout: float | None = None,
+        attempts: int | None = None,
     ) -> dict[str, Any] | None:
         """The manager the CRM would route `phone` to, or None.
 
         `timeout` bounds the whole call, retries included: routing happens while the
-        caller hears ringing, so a late answer is worth no more than none.
+        caller hears ringing, so a late answer is worth no more than none. `attempts` caps the tries.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         reply = self.request(
@@ -246,32 +247,34 @@ class RetailCRM:
             "/api/v5/telephony/manager",
             params={"phone": phone, "details": details, "ignoreStatus": ignore_status},
             deadline=deadline,
+            attempts=attempts,
         )
         manager = reply.get("manager")
         # The reply omits the key or sends null alike when nobody is free.
         return manager if isinstance(manager, dict) and manager else None
 
-    def edit_integration_module(self, module: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+    def edit_integration_module(self, module: dict[str, Any], *,
+                                deadline: float | None = None) -> tuple[bool, dict[str, Any]]:
         """Create or update the module; returns (created, reply)."""
         code = module.get("code")
         if not code:
             raise ValueError("integration module needs a code")
         path = f"/api/v5/integration-modules/{urllib.parse.quote(str(code), safe='')}/edit"
-        status, reply = self._call("POST", path, params=None, form={"integrationModule": module})
+        status, reply = self._call("POST", path, params=None, form={"integrationModule": module}, deadline=deadline)
         return status == 201, reply
 
-    def get_integration_module(self, code: str) -> dict[str, Any]:
+    def get_integration_module(self, code: str, *, deadline: float | None = None) -> dict[str, Any]:
         """The stored module; CRMRejected with status 404 when there is none."""
         path = f"/api/v5/integration-modules/{urllib.parse.quote(code, safe='')}"
-        status, reply = self._call("GET", path, params=None, form=None)
+        status, reply = self._call("GET", path, params=None, form=None, deadline=deadline)
         module = reply.get("integrationModule")
         if not isinstance(module, dict):
             raise CRMError(status, "retailCRM reply has no integrationModule")
         return module
 
-    def credentials(self) -> dict[str, Any]:
+    def credentials(self, *, deadline: float | None = None) -> dict[str, Any]:
         """The key's rights: `credentials` (method list), `siteAccess`, `sitesAvailable`."""
-        return self.request("GET", "/api/credentials")
+        return self.request("GET", "/api/credentials", deadline=deadline)
 
     # -- transport ---------------------------------------------------------------------
 
@@ -371,11 +374,12 @@ class RetailCRM:
         started = time.monotonic()
         status: int | None = None
         try:
-            # The socket timeouts are per read, so a trickling reply could outlive the deadline;
-            # the gevent timeout caps the attempt as a whole.
+            # The transport ends the exchange at the deadline itself; the gevent timeout also covers what
+            # it does not bound (a DNS lookup; requests' per-read timeouts behind a proxy).
             with gevent.Timeout(remaining, _DeadlineHit):
                 reply = self._transport.request(method, target, self._form_headers if data is not None
-                                                else self._headers, data, connect_timeout, read_timeout)
+                                                else self._headers, data, connect_timeout, read_timeout,
+                                                deadline=deadline)
             status = reply.status
         except _DeadlineHit:
             raise CRMUnavailable(None, "retailCRM did not answer before the deadline") from None
