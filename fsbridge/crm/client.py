@@ -20,11 +20,12 @@ import gevent
 from fsbridge import __version__
 from fsbridge.background import give_way
 from fsbridge.crm.backoff import backoff_delay
-from fsbridge.crm.errors import CRMAuthError, CRMError, CRMRejected, CRMUnavailable
+from fsbridge.crm.errors import CRMAuthError, CRMError, CRMNoReply, CRMRejected, CRMUnavailable
 from fsbridge.crm.ratelimit import RateLimiter
 from fsbridge.crm.transport import (
     ConnectionFailed,
     ConnectTimeout,
+    NoReply,
     ReadTimeout,
     Reply,
     RequestsTransport,
@@ -214,8 +215,11 @@ class RetailCRM:
     # -- the API methods -------------------------------------------------------------
 
     def send_call_event(self, event: dict[str, Any], *, deadline: float | None = None) -> dict[str, Any]:
+        # Not sent again once it may have arrived (CRMNoReply): the CRM documents no de-duplication of call
+        # events, and a card shown twice is worse than one late card lost. Uploads are de-duplicated by
+        # externalId (API notes, calls/upload), so they are retried.
         _, reply = self._call("POST", "/api/v5/telephony/call/event", params=None, form={"event": event},
-                              deadline=deadline, backoff_cap=CALL_EVENT_BACKOFF_CAP)
+                              deadline=deadline, backoff_cap=CALL_EVENT_BACKOFF_CAP, resend_unanswered=False)
         return reply
 
     def upload_calls(self, calls: list[dict[str, Any]], *, deadline: float | None = None) -> dict[str, Any]:
@@ -306,6 +310,7 @@ class RetailCRM:
         deadline: float | None = None,
         attempts: int | None = None,
         backoff_cap: float = BACKOFF_CAP,
+        resend_unanswered: bool = True,
     ) -> tuple[int, dict[str, Any]]:
         if not path.startswith("/"):
             raise ValueError(f"path must start with /, got {path!r}")
@@ -331,6 +336,9 @@ class RetailCRM:
                 raise failed from None
             except CRMUnavailable as exc:
                 failed = exc
+                if isinstance(exc, CRMNoReply) and not resend_unanswered:
+                    log.debug("retailCRM %s %s: %s; not sent again (it may have arrived)", method, path, exc)
+                    raise
                 if attempts is not None and tried >= attempts:
                     # Debug only: callers report failures their own way (aggregated: during an outage
                     # every card fails, and a line each would flood the log).
@@ -388,7 +396,9 @@ class RetailCRM:
                 None, f"cannot connect to retailCRM at {self._host} within {connect_timeout:.1f} s"
             ) from None
         except ReadTimeout:
-            raise CRMUnavailable(None, f"retailCRM did not answer within {read_timeout:.1f} s") from None
+            raise CRMNoReply(None, f"retailCRM did not answer within {read_timeout:.1f} s") from None
+        except NoReply as exc:
+            raise CRMNoReply(None, f"connection to retailCRM at {self._host} failed: {exc}") from None
         except ConnectionFailed as exc:
             raise CRMUnavailable(None, f"connection to retailCRM at {self._host} failed: {exc}") from None
         except TransportError as exc:

@@ -28,8 +28,8 @@ only when the reply ended exactly where its framing said.
 
 A request is sent again at most once: a GET when a kept-alive connection failed before any byte of the
 reply, a POST only when its first write failed (so no byte left). A server that read a POST and closed
-gets it once; the caller gets "connection closed without a reply" (RetailCRM's own retries, paced and
-bounded, decide what happens next: call events and uploads are de-duplicated by the CRM on their ids).
+gets it once; the caller gets NoReply, "connection closed without a reply" (RetailCRM decides what happens
+next: a call event is not sent again, an upload is, since the CRM de-duplicates uploads by externalId).
 """
 
 from __future__ import annotations
@@ -88,6 +88,10 @@ class ReadTimeout(TransportError):
 
 class ConnectionFailed(TransportError):
     pass
+
+
+class NoReply(ConnectionFailed):
+    """The request went out whole or in part and the server closed without replying: it may have acted on it."""
 
 
 def describe(exc: BaseException) -> str:
@@ -229,7 +233,7 @@ class Transport:
                     again, limit = True, end
                     continue
                 # The server may have acted on it: a POST (a call event, an upload) is never sent twice here.
-                raise ConnectionFailed("connection closed without a reply") from exc.__cause__
+                raise NoReply("connection closed without a reply") from exc.__cause__
             except TimeoutError as exc:
                 conn.close()
                 raise ReadTimeout(f"no reply within {max(end - began, 0.0):.1f} s") from exc
