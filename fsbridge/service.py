@@ -96,7 +96,8 @@ class Bridge:
         r = cfg.routing
         self.manager_lookup = ManagerLookup(self.crm, cfg.manager_codes, self.statuses, timeout=r.timeout,
                                             cache_ttl=r.cache_ttl, negative_ttl=r.negative_ttl,
-                                            cache_size=r.cache_size, ignore_status=r.ignore_status)
+                                            cache_size=r.cache_size, ignore_status=r.ignore_status,
+                                            breaker=r.breaker, breaker_max=r.breaker_max)
         self.click_to_call_off = ""
         self.originator = self._originator()
         self.health = Health(
