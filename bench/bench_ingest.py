@@ -28,8 +28,9 @@ from fsbridge.calls.tracker import CallTracker  # noqa: E402
 from fsbridge.esl.protocol import FrameReader, parse_event  # noqa: E402
 
 ESL = ROOT / "tests" / "fixtures" / "esl"
-SCENARIOS = ("inbound_answered", "inbound_no_answer", "inbound_busy", "inbound_ext_no_answer",
-             "outbound_ext_dial", "outbound_originate_answered")
+# Every captured call: the lab's simple flows and the contact-center flows (queues, pickup, transfers,
+# voicemail, forwarding, loopback legs, hold, parking); not the `show channels` transcripts.
+SCENARIOS = tuple(sorted(p.name.split(".")[0] for p in ESL.glob("*.plain.raw") if not p.name.startswith("show_")))
 UUID = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 

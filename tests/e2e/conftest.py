@@ -110,10 +110,9 @@ class FreeSwitch:
         long, once per FreeSWITCH start. A PBX with phones registering pays it before any call; the e2e
         PBX (no registrations, manage-presence off) paid it on the first call that played music or
         rang a `user/` dial string, whose `in` card then reached the CRM 0.5 s after the phone's 180."""
-        with Admin(self.host, self.ports.esl, self.password) as admin:
-            reply = admin.command("sendevent PRESENCE_IN\nproto: e2e-warm-up\nfrom: warm-up@127.0.0.1\n"
-                                  "status: warm-up")
-        assert reply.startswith("+OK"), f"sendevent PRESENCE_IN: {reply}"
+        # mod_dptools' `presence` API fires a PRESENCE_IN for a user nobody watches (docs/deploy.md, section 2).
+        reply = self.api("presence in warm-up@127.0.0.1 available warm-up")
+        assert reply.startswith("Event Sent"), f"presence in: {reply}"
 
     def restart(self, crash: bool) -> None:
         pytest.skip(self.restart_hint or f"cannot restart a {self.kind} FreeSWITCH")

@@ -165,14 +165,6 @@ class Admin:
             if headers.get("Content-Type") == "api/response":
                 return body.decode("utf-8", "replace")
 
-    def command(self, text: str) -> str:
-        """A command other than `api` (`sendevent ...`): its Reply-Text."""
-        self.sock.sendall(f"{text}\n\n".encode())
-        while True:
-            headers, _ = self._read()
-            if headers.get("Content-Type") == "command/reply":
-                return headers.get("Reply-Text", "")
-
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()
@@ -256,6 +248,24 @@ class Sipp:
                 text = path.read_text("utf-8", "replace")
                 parts.append(f"--- {path.name}\n{text[-limit:]}")
         return "\n".join(parts)
+
+
+_TRACE_STAMP = re.compile(r"^-+ (\d{4}-\d\d-\d\d\s+\d\d:\d\d:\d\d\.\d+)")
+
+
+def ringing_sent_at(phone: Sipp) -> float:
+    """When a SIPp phone sent its first 180 Ringing, from its message trace (epoch seconds; SIPp stamps
+    the trace with this machine's local wall clock)."""
+    import datetime
+
+    stamp = None
+    for line in phone.messages().splitlines():
+        m = _TRACE_STAMP.match(line)
+        if m:
+            stamp = m.group(1)
+        elif line.startswith("SIP/2.0 180") and stamp:
+            return datetime.datetime.strptime(" ".join(stamp.split()), "%Y-%m-%d %H:%M:%S.%f").timestamp()
+    raise AssertionError(f"SIPp {phone.name} sent no 180 Ringing\n{phone.messages()[-2000:]}")
 
 
 class SippFactory:

@@ -10,6 +10,7 @@ How FreeSWITCH is found, and how to enable these tests: tests/e2e/conftest.py.
 from __future__ import annotations
 
 import datetime
+import os
 import zoneinfo
 from typing import Any
 
@@ -28,12 +29,15 @@ from tests.e2e.harness import (
     ROUTED_FALLBACK,
     free_port,
     read_wav,
+    ringing_sent_at,
 )
 
 pytestmark = pytest.mark.e2e
 
 CRM_ZONE = zoneinfo.ZoneInfo("Europe/Moscow")  # tests/conftest.py settings(): crm.timezone
 USER_IDS = {"100": 1, "200": 2}               # tests/conftest.py settings(): managers
+# Goal for an `in` card: in the CRM within this long after the manager's phone sent 180 Ringing (loopback).
+CARD_DELAY_GOAL = float(os.environ.get("FSBRIDGE_E2E_CARD_DELAY", "0.05"))
 
 
 def card(kind: str, codes: list[str], did: str | None, status: str | None = None, *, phone: str = CUSTOMER) -> tuple:
@@ -77,6 +81,16 @@ def check_recording(world: World, url: str, min_seconds: float) -> None:
     assert part.status_code == 206 and len(part.content) == 100, "players seek with Range requests"
 
 
+def check_card_delay(world: World, phone: Any, code: str) -> float:
+    """The `in` card of `code` reached the CRM within CARD_DELAY_GOAL of the phone's 180 Ringing (SIPp's
+    trace), the moment the manager hears it ring."""
+    card = next(e for e in world.crm.events if e["type"] == "in" and code in e["codes"])
+    delay = card["_received"] - ringing_sent_at(phone)
+    print(f"card delay {code}: {delay * 1000:.1f} ms")
+    assert delay <= CARD_DELAY_GOAL, f"{code}'s card reached the CRM {delay * 1000:.0f} ms after its 180"
+    return delay
+
+
 def only_call(world: World) -> Any:
     call = world.wait_finished()
     assert [c.call_id for c in world.finished] == [call.call_id]
@@ -92,6 +106,7 @@ def test_inbound_answered(world: World) -> None:
 
     world.wait_events(2)
     assert world.events() == [card("in", ["100"], DID_100), card("hangup", ["100"], DID_100, "answered")]
+    check_card_delay(world, phone, "100")
     call = only_call(world)
     check_history(world, call.call_id, result="answered", code="100", did=DID_100, talk_s=4, recorded=True)
 
@@ -354,6 +369,7 @@ def test_lua_routing_to_the_customers_manager(world: World) -> None:
 
     world.wait_events(2)
     assert world.events() == [card("in", ["200"], DID_ROUTED), card("hangup", ["200"], DID_ROUTED, "answered")]
+    check_card_delay(world, manager, "200")
     call = only_call(world)
     assert call.manager_code == "200" and call.codes == ("200",)
     assert script_said(world, call.call_id) == ["ringing the responsible manager 200"]

@@ -10,11 +10,7 @@ ALL` connections) as dir/<flow>.{plain,json}.raw: how tests/fixtures/esl/'s flow
 
 from __future__ import annotations
 
-import datetime
 import json
-import os
-import re
-from typing import Any
 
 import gevent
 import pytest
@@ -31,39 +27,12 @@ from tests.e2e.harness import (
     DID_QUEUE_RINGALL,
     DID_VOICEMAIL,
 )
-from tests.e2e.test_calls import check_history, only_call
+from tests.e2e.test_calls import check_card_delay, check_history, only_call
 from tests.waiting import until
 
 pytestmark = pytest.mark.e2e
 
 UNASSIGNED = "200"  # history.unassigned_code of the e2e config (conftest.py)
-# Goal for an `in` card: in the CRM within this long after the manager's phone sent 180 Ringing.
-CARD_DELAY_GOAL = float(os.environ.get("FSBRIDGE_E2E_CARD_DELAY", "0.05"))
-
-_STAMP = re.compile(r"^-+ (\d{4}-\d\d-\d\d\s+\d\d:\d\d:\d\d\.\d+)")
-
-
-def ringing_sent_at(phone: Any) -> float:
-    """When the phone sent its first 180 Ringing, from SIPp's message trace (wall clock, epoch seconds)."""
-    stamp = None
-    for line in phone.messages().splitlines():
-        m = _STAMP.match(line)
-        if m:
-            stamp = m.group(1)
-        elif line.startswith("SIP/2.0 180") and stamp:
-            return datetime.datetime.strptime(" ".join(stamp.split()), "%Y-%m-%d %H:%M:%S.%f").timestamp()
-    raise AssertionError(f"SIPp {phone.name} sent no 180 Ringing\n{phone.messages()[-2000:]}")
-
-
-def check_card_delay(world: World, phone: Any, code: str) -> float:
-    """The `in` card of `code` reached the CRM within CARD_DELAY_GOAL of the phone's 180."""
-    card = next(e for e in world.crm.events if e["type"] == "in" and code in e["codes"])
-    delay = card["_received"] - ringing_sent_at(phone)
-    print(f"card delay {code}: {delay * 1000:.1f} ms")
-    assert delay <= CARD_DELAY_GOAL, f"{code}'s card reached the CRM {delay * 1000:.0f} ms after its 180"
-    return delay
-
-
 def cards(world: World) -> list[tuple[str, tuple[str, ...], str | None, str | None]]:
     """(type, codes, externalPhone, hangupStatus) of each call event; codes sorted (legs of one ring
     reach FreeSWITCH's event queue in either order)."""
