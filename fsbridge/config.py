@@ -206,6 +206,11 @@ def _path(value: Any) -> Path:
     return Path(_nonempty(value)).expanduser()
 
 
+def _optional_path(value: Any) -> Path | None:
+    text = _string(value)
+    return Path(text).expanduser() if text else None
+
+
 def normalize_number(raw: str) -> str:
     """'+7 (912) 123-45-67' -> '+79121234567'; anything but digits and a leading '+' is dropped."""
     text = raw.strip()
@@ -229,6 +234,13 @@ class FreeSwitchSettings:
     reconcile_interval: float = setting(
         300.0, "Seconds between checks of tracked calls against `show channels` (catches lost events)",
         _number(5, 86400))
+    cdr_dir: Path | None = setting(
+        "", "Where mod_json_cdr writes one <uuid>.cdr.json per finished leg (its log-dir, file mode; "
+        "conf/freeswitch/autoload_configs/json_cdr.conf.xml): the calls that end while fsbridge is down or cut "
+        "off are recovered from it. Empty: off (such calls are lost)", _optional_path)
+    cdr_keep_days: int = setting(
+        7, "Days fsbridge keeps a CDR document it has accounted for before deleting it (it never deletes one it "
+        "has not); 0: never delete (clean the directory yourself)", _number(0, 3650, int))
 
 
 @dataclass(frozen=True)
@@ -284,11 +296,6 @@ class HttpSettings:
                              _number(1, 3600))
     max_connections: int = setting(1000, "Concurrent HTTP connections at most", _number(1, 100_000, int))
     zero_copy: bool = setting(True, "Send recordings with sendfile()", _bool)
-
-
-def _optional_path(value: Any) -> Path | None:
-    text = _string(value)
-    return Path(text).expanduser() if text else None
 
 
 def _optional(pattern: re.Pattern[str], expected: str) -> Callable[[Any], str]:
