@@ -102,6 +102,7 @@ class Bridge:
         self.listener = EventListener(cfg.freeswitch, self.on_event, on_connect=self._after_connect)
         # The live view is whole once, connected, fsbridge has taken stock of FreeSWITCH's channels.
         self._view_of: EslConnection | None = None
+        self._stopped = False
         self.spool = self._cdr_spool()
         self.last_event_at: float | None = None
         self._periodic: gevent.Greenlet | None = None
@@ -261,7 +262,11 @@ class Bridge:
         self.hub_watch.start()  # last: nothing to undo if an earlier start fails (the port is taken)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop taking events, then flush what can be flushed within `timeout`; the outbox keeps the rest."""
+        """Stop taking events, then flush what can be flushed within `timeout`; the outbox keeps the rest.
+        Once: a second call does nothing."""
+        if self._stopped:
+            return
+        self._stopped = True
         try:
             self._stop(timeout)
         finally:

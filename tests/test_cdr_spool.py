@@ -298,3 +298,56 @@ def test_a_call_that_hung_up_in_a_socket_gap_gets_its_true_outcome(bridges, simu
     until(lambda: played.a_leg in fake_crm.calls, timeout=10, what="the call in the history")
     assert history(fake_crm, played.a_leg) == ("in", "busy", "200", 0, False)
     assert bridge.spool.stats.completed == 1 and stored_once(fake_crm)
+
+
+# -- the real `fsbridge run`, killed or restarted --
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["kill -9", "SIGTERM restart"])
+def test_calls_ending_while_the_process_is_down_reach_the_history_once(how, tmp_path, simulator, fake_crm,
+                                                                       cdr_dir) -> None:
+    import signal
+
+    from tests.test_operations import start_fsbridge
+
+    simulator.cdr_dir = cdr_dir
+    raw = settings(fs_port=simulator.port, crm_url=fake_crm.url, state_dir=str(tmp_path / "state"),
+                   freeswitch={"cdr_dir": str(cdr_dir)})
+    proc = start_fsbridge(tmp_path, raw)
+    try:
+        simulator.wait_for_subscriber(timeout=15)
+        done = simulator.play_many(["inbound_answered", "inbound_busy", "outbound_ext_dial"], calls=6)
+        talking = [simulator.play("inbound_answered", until="CALL_UPDATE") for _ in range(2)]
+        ringing = simulator.play("inbound_ext_no_answer", until="CHANNEL_PROGRESS")
+        until(lambda: len(fake_crm.calls) == 6, timeout=15, what="the calls that ended while it ran")
+        if how == "kill -9":
+            proc.kill()
+        else:
+            proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    simulator.cut()     # the dead process's connection
+    cards = len(fake_crm.events)
+    for played in (*talking, ringing):
+        simulator.resume(played)
+    away = simulator.play_many(["inbound_answered", "inbound_no_answer", "outbound_originate_answered"], calls=3)
+    proc = start_fsbridge(tmp_path, raw)
+    try:
+        ids = [p.a_leg for p in (*talking, ringing, *away)]
+        until(lambda: all(i in fake_crm.calls for i in ids), timeout=45, what="every call in the history")
+        for played in talking:
+            assert history(fake_crm, played.a_leg) == ("in", "answered", "100", 8, True)
+        assert history(fake_crm, ringing.a_leg) == ("in", "no answer", "200", 0, False)
+        assert history(fake_crm, away[0].a_leg) == ("in", "answered", "100", 8, True)
+        assert history(fake_crm, away[1].a_leg)[:3] == ("in", "no answer", "100")
+        assert history(fake_crm, away[2].a_leg)[:3] == ("out", "answered", "100")
+        assert set(fake_crm.calls) == {p.a_leg for p in done} | set(ids)
+        assert stored_once(fake_crm), "each call stored once"
+        time.sleep(1.0)
+        assert len(fake_crm.events) == cards, "no card for calls that ended while fsbridge was down"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)

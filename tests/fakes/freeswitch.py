@@ -567,6 +567,9 @@ class FreeSwitchSimulator:
         self.cdr_prefix_a = False
         self.cdr_encode_values = False
         self.cdr_written: list[Path] = []
+        # Modules `module_exists` reports loaded: the lab PBX's (json_cdr is what wrote fixtures/json_cdr).
+        self.modules = {"mod_event_socket", "mod_sofia", "mod_commands", "mod_dptools", "mod_dialplan_xml",
+                        "mod_loopback", "mod_sndfile", "mod_json_cdr"}
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -1279,6 +1282,8 @@ class FreeSwitchSimulator:
             return "true" if arg and arg in self.live_channels else "false"
         if name == "uuid_dump":
             return self._uuid_dump(arg)
+        if name == "module_exists":
+            return "true" if arg in self.modules else "false"
         if name == "originate":
             return self._originate(arg, job_uuid=None).result
         return f"-ERR {name} Command not found!\n"
