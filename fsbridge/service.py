@@ -355,6 +355,15 @@ class Bridge:
         m.watch("fsbridge_outbox_calls", "Calls in the history outbox by state", outbox)
         m.watch("fsbridge_outbox_oldest_pending_seconds", "Age of the oldest call waiting for upload",
                 lambda: [({}, self.history.oldest_pending_age() or 0.0)])
+        if self.spool is not None:
+            st = self.spool.stats
+            m.watch("fsbridge_cdr_calls_total", "Calls written to the history from FreeSWITCH's CDR documents",
+                    lambda: [({"how": "recovered"}, st.recovered), ({"how": "completed"}, st.completed),
+                             ({"how": "guessed"}, st.guessed)], counter=True)
+            m.watch("fsbridge_cdr_documents_total", "CDR documents read, accounted for, deleted, unusable",
+                    lambda: [({"what": "read"}, st.reads), ({"what": "accounted"}, st.accounted),
+                             ({"what": "deleted"}, st.deleted), ({"what": "unreadable"}, st.unreadable)],
+                    counter=True)
         if self.originator is not None:
             o = self.originator
             m.watch("fsbridge_originate_total", "Click-to-call attempts by result",
