@@ -271,14 +271,21 @@ def test_a_day_of_documents_does_not_hold_up_live_calls(bridges, simulator, fake
     assert (tmp_path / "state" / CDR_LEDGER_FILE).exists()
 
 
-def test_a_call_answered_in_a_socket_gap_gets_its_true_outcome(bridges, simulator, fake_crm) -> None:
+def through_a_socket_gap(bridges, simulator, fake_crm, scenario: str, in_the_gap: str | None):
+    """A call rings with fsbridge listening; the event socket goes away while the call plays on until
+    `in_the_gap` (None: its end); the socket comes back."""
     bridge = bridges()
     simulator.wait_for_subscriber()
-    played = simulator.play("inbound_answered", until="CHANNEL_PROGRESS")
+    played = simulator.play(scenario, until="CHANNEL_PROGRESS")
     until(lambda: fake_crm.events, what="the card")
     simulator.refuse_connections()
-    simulator.resume(played, until="CALL_UPDATE")          # answered and bridged, nobody listening
+    simulator.resume(played, until=in_the_gap)          # nobody listening
     simulator.accept_connections()
+    return bridge, played
+
+
+def test_a_call_answered_in_a_socket_gap_gets_its_true_outcome(bridges, simulator, fake_crm) -> None:
+    bridge, played = through_a_socket_gap(bridges, simulator, fake_crm, "inbound_answered", "CALL_UPDATE")
     until(lambda: bridge.listener.reconnects == 1 and bridge.spool.view_ready(), what="the reconnection")
     simulator.resume(played)
     until(lambda: played.a_leg in fake_crm.calls, timeout=10, what="the call in the history")
@@ -288,16 +295,23 @@ def test_a_call_answered_in_a_socket_gap_gets_its_true_outcome(bridges, simulato
 
 
 def test_a_call_that_hung_up_in_a_socket_gap_gets_its_true_outcome(bridges, simulator, fake_crm) -> None:
-    bridge = bridges()
-    simulator.wait_for_subscriber()
-    played = simulator.play("inbound_busy", until="CHANNEL_PROGRESS")
-    until(lambda: fake_crm.events, what="the card")
-    simulator.refuse_connections()
-    simulator.resume(played)                               # busy, and gone, while nobody listens
-    simulator.accept_connections()
+    bridge, played = through_a_socket_gap(bridges, simulator, fake_crm, "inbound_busy", None)
     until(lambda: played.a_leg in fake_crm.calls, timeout=10, what="the call in the history")
     assert history(fake_crm, played.a_leg) == ("in", "busy", "200", 0, False)
     assert bridge.spool.stats.completed == 1 and stored_once(fake_crm)
+
+
+def test_a_call_taken_over_after_a_restart_is_completed_from_its_cdrs(bridges, simulator, fake_crm) -> None:
+    """fsbridge started mid-call saw none of the call's beginning: its history entry comes from FreeSWITCH's
+    record, under the id its hangup card carried."""
+    played = simulator.play("inbound_answered", until="CALL_UPDATE")
+    bridge = bridges()
+    until(lambda: bridge.tracker.adopted == 2, what="both channels to be taken over")
+    simulator.resume(played)
+    until(lambda: played.a_leg in fake_crm.calls, timeout=10, what="the call in the history")
+    assert history(fake_crm, played.a_leg) == ("in", "answered", "100", 8, True)
+    assert [c.source for c in bridge.finished] == ["cdr"] and bridge.spool.stats.completed == 1
+    assert [(e["type"], e["callExternalId"]) for e in fake_crm.events] == [("hangup", played.a_leg)]
 
 
 # -- the real `fsbridge run`, killed or restarted --

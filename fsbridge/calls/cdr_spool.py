@@ -69,7 +69,7 @@ STATE_NAMES = {LIVE: "live", RECOVERED: "recovered", IGNORED: "ignored", UNREADA
 _WRITE_GRACE = 60.0
 _SLICE = 0.002          # seconds of work between two give_way()s
 _LIVE_DONE_MAX = 200_000
-_BATCH = 200            # groups settled per history / ledger transaction
+_BATCH = 50             # groups settled per history / ledger transaction (~5 ms of the hub)
 
 
 class CdrError(ValueError):
