@@ -109,6 +109,57 @@ def test_simulated_documents_replay_to_the_live_call(scenario, tmp_path) -> None
     assert call.end_us - call.start_us == live.end_us - live.start_us
 
 
+class ListSink:
+    """The history, as the spool sees it."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, FinishedCall] = {}
+
+    def known(self, call_ids: list[str]) -> set[str]:
+        return set(call_ids) & set(self.calls)
+
+    def record(self, calls: list[FinishedCall]) -> bool:
+        for call in calls:
+            assert call.call_id not in self.calls, "written twice"
+            self.calls[call.call_id] = call
+        return True
+
+
+def test_the_spool_waits_for_a_half_written_document_reads_prefixed_names_and_skips_links(tmp_path) -> None:
+    from fsbridge.calls.cdr_spool import CdrSpool
+    from tests.fakes.freeswitch import FreeSwitchSimulator
+
+    spool_dir = tmp_path / "json_cdr"
+    spool_dir.mkdir()
+    with FreeSwitchSimulator(cdr_dir=spool_dir) as sim:
+        sim.cdr_prefix_a = True       # prefix-a-leg: a_<uuid>.cdr.json for a-legs
+        played = sim.play("inbound_answered")
+    a_name = f"a_{played.a_leg}.cdr.json"
+    assert (spool_dir / a_name).exists()
+    whole = (spool_dir / a_name).read_text()
+    (spool_dir / a_name).write_text(whole[: len(whole) // 2])          # mod_json_cdr is still writing it
+    secret = tmp_path / "secret.json"      # a well-formed document, but not one mod_json_cdr wrote there
+    secret.write_text(whole.replace(played.a_leg, "4a1b7d0c-1111-4222-8333-944455556666"))
+    (spool_dir / "4a1b7d0c-1111-4222-8333-944455556666.cdr.json").symlink_to(secret)
+
+    def spool() -> CdrSpool:
+        made = CdrSpool(spool_dir, tmp_path / "ledger.sqlite3", DIRECTORY, sink, records_dir=RECORDS,
+                        live=lambda uuid: False, view_ready=lambda: True, grace=0.0)
+        return made
+
+    sink = ListSink()
+    first = spool()
+    assert first.reconcile() == 0 and sink.calls == {}, "half a document: its call waits"
+    (spool_dir / a_name).write_text(whole)
+    assert first.reconcile() == 1
+    assert sink.calls[played.a_leg].result == "answered" and sink.calls[played.a_leg].manager_code == "100"
+    assert first.stats.unreadable == 1 and list(sink.calls) == [played.a_leg], "the link is never followed"
+    first.ledger.close()
+    again = spool()
+    assert again.reconcile() == 0 and again.stats.reads == 0, "accounted for: not read again"
+    assert secret.exists() and (spool_dir / "4a1b7d0c-1111-4222-8333-944455556666.cdr.json").is_symlink()
+
+
 # -- fsbridge with a CDR directory --
 
 

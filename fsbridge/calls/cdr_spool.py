@@ -24,6 +24,7 @@ sink's business: the spool and the call model are shared.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -489,27 +490,30 @@ class CdrSpool:
         cached = self._cache.get(name)
         if cached is not None:
             return cached
-        path = self.dir / name
+        path = os.path.join(self.dir, name)
         try:
-            mtime = path.stat().st_mtime
-            with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            # Only what mod_json_cdr writes: a regular file, not a link to something else fsbridge may read.
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with open(fd, encoding="utf-8", errors="surrogateescape") as f:
+                mtime = os.fstat(f.fileno()).st_mtime
                 text = f.read()
         except FileNotFoundError:
             return None
         except OSError as exc:
-            self._say_once(f"read:{name}", f"cannot read CDR {name}: {exc}", logging.WARNING)
-            return None
-        self.stats.reads += 1
-        try:
-            leg = parse_document(text, name, self.records_dir, mtime)
-        except Incomplete:
-            if time.time() - mtime < _WRITE_GRACE:
+            if exc.errno != errno.ELOOP:
+                self._say_once(f"read:{name}", f"cannot read CDR {name}: {exc}", logging.WARNING)
                 return None
-            leg = None
-            reason = "never finished (no final newline or not JSON)"
-        except CdrError as exc:
-            leg = None
-            reason = str(exc)
+            leg, reason, mtime = None, "a symbolic link, not a file mod_json_cdr wrote", time.time()
+        else:
+            self.stats.reads += 1
+            try:
+                leg = parse_document(text, name, self.records_dir, mtime)
+            except Incomplete:
+                if time.time() - mtime < _WRITE_GRACE:
+                    return None
+                leg, reason = None, "never finished (no final newline or not JSON)"
+            except CdrError as exc:
+                leg, reason = None, str(exc)
         if leg is None:
             # Kept on disk (fsbridge deletes only what it accounted for), never read again.
             log.warning("CDR %s is not a usable mod_json_cdr document (%s); left in place", name, reason)
