@@ -206,11 +206,6 @@ def _path(value: Any) -> Path:
     return Path(_nonempty(value)).expanduser()
 
 
-def _optional_path(value: Any) -> Path | None:
-    text = _string(value)
-    return Path(text).expanduser() if text else None
-
-
 def normalize_number(raw: str) -> str:
     """'+7 (912) 123-45-67' -> '+79121234567'; anything but digits and a leading '+' is dropped."""
     text = raw.strip()
@@ -237,7 +232,8 @@ class FreeSwitchSettings:
     cdr_dir: Path | None = setting(
         "", "Where mod_json_cdr writes one <uuid>.cdr.json per finished leg (its log-dir, file mode; "
         "conf/freeswitch/autoload_configs/json_cdr.conf.xml): the calls that end while fsbridge is down or cut "
-        "off are recovered from it. Empty: off (such calls are lost)", _optional_path)
+        "off are recovered from it. Empty: off (such calls are lost)",
+        lambda value: _optional_path(value))  # defined further down, with the other path checks
     cdr_keep_days: int = setting(
         7, "Days fsbridge keeps a CDR document it has accounted for before deleting it (it never deletes one it "
         "has not); 0: never delete (clean the directory yourself)", _number(0, 3650, int))
@@ -296,6 +292,11 @@ class HttpSettings:
                              _number(1, 3600))
     max_connections: int = setting(1000, "Concurrent HTTP connections at most", _number(1, 100_000, int))
     zero_copy: bool = setting(True, "Send recordings with sendfile()", _bool)
+
+
+def _optional_path(value: Any) -> Path | None:
+    text = _string(value)
+    return Path(text).expanduser() if text else None
 
 
 def _optional(pattern: re.Pattern[str], expected: str) -> Callable[[Any], str]:
