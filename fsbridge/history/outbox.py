@@ -93,6 +93,7 @@ def decode_call(text: str) -> FinishedCall:
     # Fields a later fsbridge added or dropped must not make old rows unreadable.
     known = {k: v for k, v in data.items() if k in _FIELD_SET}
     known["codes"] = tuple(known.get("codes") or ())
+    known["legs"] = tuple(known.get("legs") or ())
     return FinishedCall(**known)
 
 
@@ -240,6 +241,19 @@ class Outbox:
             self._pending += cur.rowcount
         return cur.rowcount == 1
 
+    def add_many(self, calls: Sequence[FinishedCall]) -> int:
+        """Store calls in one transaction (calls recovered in bulk); how many were new."""
+        now = time.time()
+        rows = [(call.call_id, encode_call(call), now) for call in calls]
+        added = 0
+        with self._lock, self._transaction():
+            for row in rows:
+                added += self._db.execute(
+                    "INSERT INTO calls (external_id, payload, added) VALUES (?, ?, ?) "
+                    "ON CONFLICT(external_id) DO NOTHING", row).rowcount
+        self._pending += added
+        return added
+
     # -- the uploader side ---------------------------------------------------------------------
 
     def claim(self, limit: int) -> list[Entry]:
@@ -372,6 +386,19 @@ class Outbox:
                 call = None
             out.append(Quarantined(row, external_id, call, reason or "", since or 0.0))
         return out
+
+    def known(self, external_ids: Iterable[str]) -> set[str]:
+        """Which of these call ids the outbox holds, whatever their state (one indexed lookup each)."""
+        ids = list(dict.fromkeys(external_ids))
+        found: set[str] = set()
+        for start in range(0, len(ids), 500):   # SQLite's limit on bound parameters
+            chunk = ids[start:start + 500]
+            with self._lock:
+                rows = self._db.execute(
+                    f"SELECT external_id FROM calls WHERE external_id IN ({','.join('?' * len(chunk))})",
+                    chunk).fetchall()
+            found.update(r[0] for r in rows)
+        return found
 
     def state_of(self, external_id: str) -> str | None:
         with self._lock:
