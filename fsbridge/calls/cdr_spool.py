@@ -60,7 +60,8 @@ _REF_VARIABLES = ("originator", "originating_leg_uuid", "bridge_uuid", "signal_b
                   "other_loopback_leg_uuid", "cc_member_session_uuid", "fifo_bridge_uuid", "originated_legs")
 # Variables the call model reads from events (legs.classify, CallTracker._parent_of), as `variable_<name>`.
 _EVENT_VARIABLES = ("sip_from_user", "dialed_user", "sip_gateway_name", "sip_gateway", "sofia_profile_name",
-                    "originating_leg_uuid", "cc_member_session_uuid", "fifo_bridge_uuid")
+                    "originating_leg_uuid", "cc_member_session_uuid", "fifo_bridge_uuid",
+                    "other_loopback_leg_uuid", "other_loopback_from_uuid")
 
 # Ledger states of a document.
 LIVE, RECOVERED, IGNORED, UNREADABLE = 1, 2, 3, 4
@@ -165,6 +166,8 @@ def parse_document(text: str, name: str, records_dir: Path | None, mtime: float 
         "Caller-Username": _str(profile.get("username")),
         "Caller-Context": _str(profile.get("context")),
         "Caller-Channel-Created-Time": str(created),
+        # legs.classify knows loopback/ halves by their channel name.
+        "Channel-Name": var("channel_name"),
     }
     for key in _EVENT_VARIABLES:
         value = var(key)
