@@ -254,10 +254,15 @@ class DockerFreeSwitch(FreeSwitch):
             return False
 
     def log_tail(self, lines: int = 80) -> str:
-        try:
-            return self.compose.execute(f"logs --tail {lines} freeswitch").decode("utf-8", "replace")
-        except Exception as exc:  # a failing `docker compose logs` must not hide the test's own failure
-            return f"(no logs: {exc})"
+        # mod_logfile's file (-log /tmp in compose.e2e.yaml), as for a local FreeSWITCH: the container's own
+        # output has only what FreeSWITCH printed before its loggers started.
+        why = ""
+        for command in (f"exec -T freeswitch tail -n {lines} /tmp/freeswitch.log", f"logs --tail {lines} freeswitch"):
+            try:
+                return self.compose.execute(command).decode("utf-8", "replace")
+            except Exception as exc:  # a failing `docker compose` must not hide the test's own failure
+                why = str(exc)
+        return f"(no logs: {why})"
 
 
 def _succeeds(argv: list[str]) -> bool:
