@@ -25,8 +25,8 @@
    of docker/compose.yaml, host network, vars.xml's default ports) with a copy of this conf that has the
    routed DID installed, conf/freeswitch/scripts/ as its scripts directory and the recordings in a
    temp dir of the host; it is removed after (`down -v`). Every scenario runs, the restarts through
-   Compose (`kill -s SIGKILL` / `restart`); the Lua routing ones need curl in the image and are skipped,
-   saying so, without it. Just `python -m pytest -q tests/e2e` with no FSBRIDGE_E2E_* set.
+   Compose (`kill -s SIGKILL` / `restart`); the Lua routing ones need curl in the image and are skipped
+   without it (a warning in the log says why). Just `python -m pytest -q tests/e2e` with no FSBRIDGE_E2E_* set.
 """
 
 from __future__ import annotations
@@ -245,7 +245,7 @@ class DockerFreeSwitch(FreeSwitch):
 
     def has_http_client(self) -> bool:
         """fsbridge_route.lua asks fsbridge over LuaSocket or curl: without either in the image, every routed
-        call would go to the fallback (the routing tests are then skipped, saying so)."""
+        call would go to the fallback (the routing tests are then skipped, and the log says why)."""
         try:
             self.compose.execute("exec -T freeswitch sh -c 'command -v curl'")
             return True
