@@ -18,6 +18,7 @@ class CallEvent:
     external_phone: str | None = None
     site: str | None = None
     hangup_status: str | None = None
+    tenant: str = ""               # the company whose CRM gets it ("": the single company)
     # When fsbridge learnt of it (time.monotonic()): a card older than the age limit is worthless.
     created: float = field(default_factory=time.monotonic)
 
@@ -53,6 +54,9 @@ class FinishedCall:
     site: str | None = None
     recording_path: str | None = None
     recording_ms: int | None = None
+    # The company whose history it goes to ("": the single company). A call rebuilt from a CDR document
+    # gets it from the document's variables.domain_name (tenants.Attribution.tenant_of_domain).
+    tenant: str = ""
 
     @property
     def duration(self) -> int:
