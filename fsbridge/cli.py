@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from collections.abc import Callable
 
 from fsbridge import __version__, logs
@@ -69,7 +70,10 @@ def cmd_check(cfg: Config, args: argparse.Namespace) -> int:
         ok = False
         print(f"freeswitch: FAILED: {exc}")
     try:
-        RetailCRM(cfg.crm.url, cfg.crm.api_key, timeout=cfg.crm.timeout).credentials()
+        # One deadline for the whole check, retries included: a CRM that trickles its reply must not
+        # hold the command (each read's timeout alone never ends it).
+        with RetailCRM(cfg.crm.url, cfg.crm.api_key, timeout=cfg.crm.timeout) as crm:
+            crm.credentials(deadline=time.monotonic() + cfg.crm.timeout)
         print(f"crm: ok ({cfg.crm.url} accepted the API key)")
     except CRMError as exc:
         ok = False

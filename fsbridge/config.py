@@ -382,6 +382,10 @@ class RoutingSettings:
     ignore_status: bool = setting(
         False, "Ask retailCRM with ignoreStatus=1 and leave the decision to the statuses it sends fsbridge "
         "(changeUserStatusUrl); by default a manager must be free in both", _bool)
+    breaker: float = setting(
+        2.0, "Seconds lookups leave a failing retailCRM alone (the fallback rings at once) after a failed lookup; "
+        "doubles with each further failure, up to breaker_max (0: always ask, once)", _number(0, 60))
+    breaker_max: float = setting(30.0, "Longest such pause, in seconds", _number(0, 600))
     allow_from: list = setting(["127.0.0.0/8", "::1/128"],
                                "Who may ask GET /routing/manager (FreeSWITCH on this host by default); requests "
                                "that came through a reverse proxy are refused whatever this says", _networks)

@@ -9,6 +9,7 @@ from the config every time and sent whole, because the CRM presumably replaces t
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -77,13 +78,19 @@ def _client(cfg: Config) -> RetailCRM:
     return RetailCRM(cfg.crm.url, cfg.crm.api_key, timeout=cfg.crm.timeout)
 
 
+def _deadline(cfg: Config) -> float:
+    """crm.timeout bounds the whole command, retries included: a CRM that trickles its reply must not hold
+    `fsbridge register` or `info` for ever."""
+    return time.monotonic() + cfg.crm.timeout
+
+
 def register(cfg: Config, crm: RetailCRM | None = None) -> str:
     """Create or update the module; the report's lines. RegistrationError when the CRM refused it."""
     module = build_module(cfg)
     code = module["code"]
     client = crm or _client(cfg)
     try:
-        created, reply = client.edit_integration_module(module)
+        created, reply = client.edit_integration_module(module, deadline=_deadline(cfg))
     except CRMError as exc:
         raise RegistrationError(_explain_failure(exc, f"register the integration module {code!r}")) from None
     finally:
@@ -126,7 +133,7 @@ def info(cfg: Config, crm: RetailCRM | None = None) -> str:
     code = wanted["code"]
     client = crm or _client(cfg)
     try:
-        stored = client.get_integration_module(code)
+        stored = client.get_integration_module(code, deadline=_deadline(cfg))
     except CRMRejected as exc:
         if exc.status == 404 and "not the API" not in exc.message:
             raise RegistrationError(

@@ -3,6 +3,11 @@
 The dialplan asks while the caller waits, so every path here is bounded by `timeout` and ends in an
 answer: the manager's extension, or "" for "use the fallback". Nothing raises to the caller: a CRM that is
 down or slow must cost a call at most `timeout`, never the call itself.
+
+A CRM that is failing is not asked harder: after a failed lookup the next ones try once, with no retry, and
+for a short while (`breaker` seconds, doubling with each further failure up to `breaker_max`) not at all,
+so the fallback rings at once and an outage is not multiplied by the callers (retailCRM's general limit is
+10 requests/s). The first lookup after that while is the probe: it tries once, and its success ends it all.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ _MAX_RAW = 64
 
 class ManagerSource(Protocol):
     def responsible_manager(self, phone: str, *, details: bool = ..., ignore_status: bool = ...,
-                            timeout: float | None = ...) -> dict[str, Any] | None: ...
+                            timeout: float | None = ..., attempts: int | None = ...) -> dict[str, Any] | None: ...
 
 
 class StatusSource(Protocol):
@@ -64,6 +69,7 @@ class LookupStats:
     cache_hits: int = 0
     crm_requests: int = 0
     failures: int = 0  # CRM error or timeout: answered ""
+    skipped: int = 0  # the CRM was failing: not asked, answered "" at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +87,8 @@ class _Deadline(Exception):
 
 
 _FAILED = object()
+# Tries of one lookup while the CRM works: a second one covers a dropped connection or a lone 502.
+HEALTHY_ATTEMPTS = 2
 
 
 class ManagerLookup:
@@ -91,6 +99,7 @@ class ManagerLookup:
     went on a break stops getting calls at once. `cache_ttl` keeps a named manager, `negative_ttl` keeps
     "nobody" (shorter: a customer may be assigned a manager any minute); at most `cache_size` numbers are
     remembered, the least recently used forgotten first. `timeout` bounds one lookup end to end.
+    `breaker`/`breaker_max`: how long the CRM is left alone after failures (module docstring; 0: never).
     Safe to share between greenlets; concurrent lookups of one number share one CRM request.
     """
 
@@ -106,10 +115,14 @@ class ManagerLookup:
         cache_size: int = 10_000,
         details: bool = False,
         ignore_status: bool = False,
+        breaker: float = 2.0,
+        breaker_max: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
+        if breaker < 0 or breaker_max < 0:
+            raise ValueError("breaker periods cannot be negative")
         if cache_size < 1:
             raise ValueError("cache_size must be at least 1")
         self.crm = crm
@@ -121,6 +134,8 @@ class ManagerLookup:
         self.cache_size = cache_size
         self.details = details
         self.ignore_status = ignore_status
+        self.breaker = breaker
+        self.breaker_max = breaker_max
         self.clock = clock
         self.stats = LookupStats()
         self._cache: OrderedDict[str, _Entry] = OrderedDict()
@@ -129,6 +144,8 @@ class ManagerLookup:
         # caller, and a flapping A/B/A outage is two.
         self._problems: set[str] = set()
         self._failed_since_ok = 0
+        self._failing = 0  # lookups that failed in a row
+        self._quiet_until = 0.0  # clock() before which the CRM is not asked
 
     def lookup(self, raw_phone: str | None) -> str:
         """The extension to bridge the caller to, or "" (fall back). Never raises, never outlasts `timeout`."""
@@ -175,28 +192,42 @@ class ManagerLookup:
                 return None
             return None if shared is _FAILED else shared
 
+        if self._failing:
+            if now < self._quiet_until:
+                self.stats.skipped += 1
+                self._failed_since_ok += 1
+                return None
+            # The probe: lookups arriving while it is out are not sent too.
+            self._quiet_until = now + self._quiet_period()
+
         pending = AsyncResult()
         self._inflight[key] = pending
         result: Any = _FAILED
         try:
-            result = self._ask(phone)
+            result = self._ask(phone, attempts=1 if self._failing else HEALTHY_ATTEMPTS)
             self._remember(key, result)
             self._recovered()
         except _Failed as exc:
             self._failure(str(exc))
+            self._failing += 1
+            self._quiet_until = self.clock() + self._quiet_period()
         finally:
             del self._inflight[key]
             pending.set(result)
         return None if result is _FAILED else result
 
-    def _ask(self, phone: str) -> str | None:
+    def _quiet_period(self) -> float:
+        return min(self.breaker * 2 ** min(max(self._failing - 1, 0), 16), self.breaker_max)
+
+    def _ask(self, phone: str, attempts: int) -> str | None:
         self.stats.crm_requests += 1
         try:
             # The client's own deadline covers its retries and rate limiter; ours also covers anything it
             # does not (DNS, a slow TLS handshake), so the dialplan's wait has a hard ceiling.
             with gevent.Timeout(self.timeout, _Deadline):
                 manager = self.crm.responsible_manager(
-                    phone, details=self.details, ignore_status=self.ignore_status, timeout=self.timeout
+                    phone, details=self.details, ignore_status=self.ignore_status, timeout=self.timeout,
+                    attempts=attempts,
                 )
         except _Deadline:
             raise _Failed(f"retailCRM did not name a manager within {self.timeout:g} s") from None
@@ -234,6 +265,8 @@ class ManagerLookup:
             log.warning("responsible manager lookups work again (%d failed meanwhile)", self._failed_since_ok)
             self._problems.clear()
         self._failed_since_ok = 0
+        self._failing = 0
+        self._quiet_until = 0.0
 
     def clear(self) -> None:
         """Forget every cached answer (e.g. after the managers' assignment changed in the CRM)."""

@@ -13,6 +13,7 @@ import pytest
 from fsbridge.crm import (
     CRMAuthError,
     CRMError,
+    CRMNoReply,
     CRMRejected,
     CRMUnavailable,
     RateLimiter,
@@ -220,7 +221,7 @@ def test_connection_refused(fake: FakeRetailCRM) -> None:
 # -- retries and deadlines -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("outage", ["html503", "html502", "reset"])
+@pytest.mark.parametrize("outage", ["html503", "html502"])
 def test_retry_until_outage_lifted(fake: FakeRetailCRM, crm: RetailCRM, outage: str) -> None:
     fake.outage = outage
     gevent.spawn_later(0.3, setattr, fake, "outage", None)
@@ -230,17 +231,51 @@ def test_retry_until_outage_lifted(fake: FakeRetailCRM, crm: RetailCRM, outage: 
     assert len(fake.events) == 1
 
 
+def test_upload_retried_through_connection_resets(fake: FakeRetailCRM, crm: RetailCRM) -> None:
+    fake.outage = "reset"
+    gevent.spawn_later(0.3, setattr, fake, "outage", None)
+    reply = crm.upload_calls([call(1)], deadline=time.monotonic() + 5)
+    assert reply["success"] is True
+    assert len(fake.requests) >= 3
+
+
 @pytest.fixture
 def short_timeout_client(fake: FakeRetailCRM) -> RetailCRM:
     # A read timeout shorter than the outage, so the first attempt times out and is retried.
     return RetailCRM(fake.url, KEY, timeout=0.2)
 
 
-def test_retry_after_timeout_outage(fake: FakeRetailCRM, short_timeout_client: RetailCRM) -> None:
+def test_an_upload_that_timed_out_is_sent_again(fake: FakeRetailCRM, short_timeout_client: RetailCRM) -> None:
+    # The CRM de-duplicates uploads by externalId: sending one again after no reply is safe.
     fake.outage = "timeout"
     gevent.spawn_later(0.5, setattr, fake, "outage", None)
-    reply = short_timeout_client.send_call_event(event(), deadline=time.monotonic() + 3)
+    reply = short_timeout_client.upload_calls([call(1)], deadline=time.monotonic() + 3)
     assert reply["success"] is True
+    assert len(fake.requests) >= 2
+
+
+def test_a_call_event_that_may_have_arrived_is_not_sent_again(fake: FakeRetailCRM,
+                                                              short_timeout_client: RetailCRM) -> None:
+    # No reply within the timeout: the CRM may have shown the card already, and call events are not
+    # documented as de-duplicated. A card is shown once or not at all; a refused connection is retried.
+    fake.outage = "timeout"
+    gevent.spawn_later(0.5, setattr, fake, "outage", None)
+    with pytest.raises(CRMNoReply):
+        short_timeout_client.send_call_event(event(), deadline=time.monotonic() + 3)
+    assert len(fake.requests) == 1
+
+
+def test_a_call_event_the_server_read_and_dropped_is_delivered_once() -> None:
+    from tests.fakes.raw_http import RawHttpServer
+
+    with RawHttpServer(lambda peer, request: peer.close()) as raw:
+        client = RetailCRM(raw.url, KEY, timeout=1.0)
+        with pytest.raises(CRMNoReply, match="closed without a reply"):
+            client.send_call_event(event(), deadline=time.monotonic() + 3)
+        assert len(raw.received("POST")) == 1
+        with pytest.raises(CRMNoReply):
+            client.upload_calls([call(1)], deadline=time.monotonic() + 1)
+        assert len(raw.received("POST")) > 2   # uploads are de-duplicated by the CRM: retried
 
 
 @pytest.mark.parametrize("outage", ["timeout", "html503"])
@@ -341,9 +376,11 @@ def test_general_rate_class(fake: FakeRetailCRM, crm: RetailCRM) -> None:
 def test_no_api_key_in_logs(fake: FakeRetailCRM, crm: RetailCRM, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     fake.outage = "html503"
-    gevent.spawn_later(0.15, setattr, fake, "outage", "reset")
     gevent.spawn_later(0.3, setattr, fake, "outage", None)
     crm.send_call_event(event(), deadline=time.monotonic() + 5)
+    fake.outage = "reset"
+    gevent.spawn_later(0.15, setattr, fake, "outage", None)
+    crm.upload_calls([call(2)], deadline=time.monotonic() + 5)
     crm.responsible_manager("+79121234567", details=True)
     with pytest.raises(CRMRejected):
         crm.upload_calls([call(1, result="bogus")])

@@ -17,6 +17,7 @@ from fsbridge.crm.client import RetailCRM
 from fsbridge.crm.errors import CRMUnavailable
 from fsbridge.crm.transport import ConnectionFailed, ReadTimeout, RequestsTransport, Transport
 from tests.conftest import API_KEY
+from tests.fakes.raw_http import read_request
 
 OK = b'{"success":true}'
 
@@ -40,24 +41,8 @@ class Script:
         self.connections += 1
         buf = b""
         n = 0
-        while True:
-            while b"\r\n\r\n" not in buf:
-                try:
-                    data = sock.recv(65536)
-                except OSError:
-                    return
-                if not data:
-                    return
-                buf += data
-            head, _, buf = buf.partition(b"\r\n\r\n")
-            length = 0
-            for line in head.split(b"\r\n")[1:]:
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            while len(buf) < length:
-                buf += sock.recv(65536)
-            body, buf = buf[:length], buf[length:]
+        while (got := read_request(sock, buf)) is not None:
+            head, body, buf = got
             self.requests.append(head + b"\r\n\r\n" + body)
             n += 1
             reply = self.answer(head, n)

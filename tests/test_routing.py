@@ -22,6 +22,7 @@ from fsbridge.manager_status import ManagerStatus
 from fsbridge.routing import ManagerLookup
 from tests.conftest import API_KEY
 from tests.fakes.retailcrm import FakeRetailCRM
+from tests.waiting import until
 
 MANAGERS = {"100": 1, "200": 2}
 PHONE = "+79121234567"
@@ -185,7 +186,7 @@ def test_crm_down_answers_empty_within_the_timeout(fake_crm: FakeRetailCRM, tmp_
 def test_slow_crm_answers_empty_within_the_timeout(fake_crm: FakeRetailCRM, tmp_path: Path) -> None:
     fake_crm.managers_by_phone[PHONE] = dict(JOHN)
     fake_crm.manager_latency = 3.0
-    with running(fake_crm, tmp_path, timeout=0.5) as app:
+    with running(fake_crm, tmp_path, timeout=0.5, breaker=0) as app:
         r, elapsed = timed(app.ask)
         assert (r.status_code, r.text) == (200, "")
         assert 0.4 < elapsed < 0.9
@@ -220,7 +221,7 @@ def test_an_outage_is_logged_once_and_so_is_the_recovery(
     fake_crm.managers_by_phone[PHONE] = dict(JOHN)
     fake_crm.outage = "html503"
     with caplog.at_level(logging.INFO, logger="fsbridge.routing"), \
-            running(fake_crm, tmp_path, timeout=0.3) as app:
+            running(fake_crm, tmp_path, timeout=0.3, breaker=0) as app:
         for n in range(5):
             assert app.ask(f"+7999000000{n}").text == ""
         fake_crm.outage = None
@@ -229,6 +230,41 @@ def test_an_outage_is_logged_once_and_so_is_the_recovery(
     assert len(routing) == 2, [r.getMessage() for r in routing]
     assert "inbound calls go to the dialplan's fallback" in routing[0].getMessage()
     assert "work again (5 failed meanwhile)" in routing[1].getMessage()
+
+
+def test_a_failing_crm_is_asked_once_per_lookup(fake_crm: FakeRetailCRM, tmp_path: Path) -> None:
+    # retailCRM's front answers 502: each lookup used to retry about six times within its budget, a request
+    # multiplier on a CRM already down. Only the first lookup, made while all looked well, tries twice.
+    fake_crm.outage = "html502"
+    with running(fake_crm, tmp_path, timeout=1.0, breaker=0) as app:
+        for n in range(10):
+            r, elapsed = timed(lambda n=n: app.ask(f"+7999000000{n}"))
+            assert (r.status_code, r.text) == (200, "")
+            assert elapsed < 0.9
+        assert len(app.crm_lookups()) == 11
+        assert app.lookup.stats.failures == 10
+
+
+def test_after_failures_the_crm_is_left_alone_for_a_while_then_asked_again(
+        fake_crm: FakeRetailCRM, tmp_path: Path) -> None:
+    fake_crm.managers_by_phone[PHONE] = dict(JOHN)
+    fake_crm.outage = "html502"
+    with running(fake_crm, tmp_path, timeout=1.0, breaker=0.5, breaker_max=1.0) as app:
+        for n in range(20):  # the callers of the next half-second: the fallback rings at once for each
+            assert app.ask(f"+7999000000{n:02}").text == ""
+        assert len(app.crm_lookups()) == 2  # the first lookup's two tries; the others asked nothing
+        assert app.lookup.stats.skipped == 19
+        # Once the pause is over one lookup probes, once; it fails, and the pause doubles.
+        gevent.sleep(0.6)
+        assert app.ask("+79990001111").text == ""
+        assert len(app.crm_lookups()) == 3
+        probed = time.monotonic()
+        fake_crm.outage = None
+        assert app.ask().text == ""  # back, but the pause (1 s now) is not over: not asked yet
+        assert len(app.crm_lookups()) == 3
+        until(lambda: app.ask().text == "100", timeout=5, what="lookups to resume")
+        assert time.monotonic() - probed > 0.8
+        assert len(app.crm_lookups()) == 4
 
 
 def test_the_phone_number_is_not_logged_at_info(app: App, caplog: pytest.LogCaptureFixture) -> None:

@@ -20,11 +20,12 @@ import gevent
 from fsbridge import __version__
 from fsbridge.background import give_way
 from fsbridge.crm.backoff import backoff_delay
-from fsbridge.crm.errors import CRMAuthError, CRMError, CRMRejected, CRMUnavailable
+from fsbridge.crm.errors import CRMAuthError, CRMError, CRMNoReply, CRMRejected, CRMUnavailable
 from fsbridge.crm.ratelimit import RateLimiter
 from fsbridge.crm.transport import (
     ConnectionFailed,
     ConnectTimeout,
+    NoReply,
     ReadTimeout,
     Reply,
     RequestsTransport,
@@ -214,8 +215,11 @@ class RetailCRM:
     # -- the API methods -------------------------------------------------------------
 
     def send_call_event(self, event: dict[str, Any], *, deadline: float | None = None) -> dict[str, Any]:
+        # Not sent again once it may have arrived (CRMNoReply): the CRM documents no de-duplication of call
+        # events, and a card shown twice is worse than one late card lost. Uploads are de-duplicated by
+        # externalId (API notes, calls/upload), so they are retried.
         _, reply = self._call("POST", "/api/v5/telephony/call/event", params=None, form={"event": event},
-                              deadline=deadline, backoff_cap=CALL_EVENT_BACKOFF_CAP)
+                              deadline=deadline, backoff_cap=CALL_EVENT_BACKOFF_CAP, resend_unanswered=False)
         return reply
 
     def upload_calls(self, calls: list[dict[str, Any]], *, deadline: float | None = None) -> dict[str, Any]:
@@ -234,11 +238,12 @@ class RetailCRM:
         details: bool = False,
         ignore_status: bool = False,
         timeout: float | None = None,
+        attempts: int | None = None,
     ) -> dict[str, Any] | None:
         """The manager the CRM would route `phone` to, or None.
 
         `timeout` bounds the whole call, retries included: routing happens while the
-        caller hears ringing, so a late answer is worth no more than none.
+        caller hears ringing, so a late answer is worth no more than none. `attempts` caps the tries.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         reply = self.request(
@@ -246,32 +251,34 @@ class RetailCRM:
             "/api/v5/telephony/manager",
             params={"phone": phone, "details": details, "ignoreStatus": ignore_status},
             deadline=deadline,
+            attempts=attempts,
         )
         manager = reply.get("manager")
         # The reply omits the key or sends null alike when nobody is free.
         return manager if isinstance(manager, dict) and manager else None
 
-    def edit_integration_module(self, module: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+    def edit_integration_module(self, module: dict[str, Any], *,
+                                deadline: float | None = None) -> tuple[bool, dict[str, Any]]:
         """Create or update the module; returns (created, reply)."""
         code = module.get("code")
         if not code:
             raise ValueError("integration module needs a code")
         path = f"/api/v5/integration-modules/{urllib.parse.quote(str(code), safe='')}/edit"
-        status, reply = self._call("POST", path, params=None, form={"integrationModule": module})
+        status, reply = self._call("POST", path, params=None, form={"integrationModule": module}, deadline=deadline)
         return status == 201, reply
 
-    def get_integration_module(self, code: str) -> dict[str, Any]:
+    def get_integration_module(self, code: str, *, deadline: float | None = None) -> dict[str, Any]:
         """The stored module; CRMRejected with status 404 when there is none."""
         path = f"/api/v5/integration-modules/{urllib.parse.quote(code, safe='')}"
-        status, reply = self._call("GET", path, params=None, form=None)
+        status, reply = self._call("GET", path, params=None, form=None, deadline=deadline)
         module = reply.get("integrationModule")
         if not isinstance(module, dict):
             raise CRMError(status, "retailCRM reply has no integrationModule")
         return module
 
-    def credentials(self) -> dict[str, Any]:
+    def credentials(self, *, deadline: float | None = None) -> dict[str, Any]:
         """The key's rights: `credentials` (method list), `siteAccess`, `sitesAvailable`."""
-        return self.request("GET", "/api/credentials")
+        return self.request("GET", "/api/credentials", deadline=deadline)
 
     # -- transport ---------------------------------------------------------------------
 
@@ -303,6 +310,7 @@ class RetailCRM:
         deadline: float | None = None,
         attempts: int | None = None,
         backoff_cap: float = BACKOFF_CAP,
+        resend_unanswered: bool = True,
     ) -> tuple[int, dict[str, Any]]:
         if not path.startswith("/"):
             raise ValueError(f"path must start with /, got {path!r}")
@@ -328,6 +336,9 @@ class RetailCRM:
                 raise failed from None
             except CRMUnavailable as exc:
                 failed = exc
+                if isinstance(exc, CRMNoReply) and not resend_unanswered:
+                    log.debug("retailCRM %s %s: %s; not sent again (it may have arrived)", method, path, exc)
+                    raise
                 if attempts is not None and tried >= attempts:
                     # Debug only: callers report failures their own way (aggregated: during an outage
                     # every card fails, and a line each would flood the log).
@@ -371,11 +382,12 @@ class RetailCRM:
         started = time.monotonic()
         status: int | None = None
         try:
-            # The socket timeouts are per read, so a trickling reply could outlive the deadline;
-            # the gevent timeout caps the attempt as a whole.
+            # The transport ends the exchange at the deadline itself; the gevent timeout also covers what
+            # it does not bound (a DNS lookup; requests' per-read timeouts behind a proxy).
             with gevent.Timeout(remaining, _DeadlineHit):
                 reply = self._transport.request(method, target, self._form_headers if data is not None
-                                                else self._headers, data, connect_timeout, read_timeout)
+                                                else self._headers, data, connect_timeout, read_timeout,
+                                                deadline=deadline)
             status = reply.status
         except _DeadlineHit:
             raise CRMUnavailable(None, "retailCRM did not answer before the deadline") from None
@@ -384,7 +396,9 @@ class RetailCRM:
                 None, f"cannot connect to retailCRM at {self._host} within {connect_timeout:.1f} s"
             ) from None
         except ReadTimeout:
-            raise CRMUnavailable(None, f"retailCRM did not answer within {read_timeout:.1f} s") from None
+            raise CRMNoReply(None, f"retailCRM did not answer within {read_timeout:.1f} s") from None
+        except NoReply as exc:
+            raise CRMNoReply(None, f"connection to retailCRM at {self._host} failed: {exc}") from None
         except ConnectionFailed as exc:
             raise CRMUnavailable(None, f"connection to retailCRM at {self._host} failed: {exc}") from None
         except TransportError as exc:

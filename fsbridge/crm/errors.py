@@ -34,6 +34,11 @@ class CRMUnavailable(CRMError):
     """retailCRM could not be reached or did not answer as the API: retrying may help."""
 
 
+class CRMNoReply(CRMUnavailable):
+    """The request went out but no reply came (the connection closed, the reply timed out): retailCRM may
+    have acted on it, so only a request it de-duplicates may be sent again."""
+
+
 class CRMRejected(CRMError):
     """retailCRM refused the request (a 4xx): retrying the same request will not help."""
 

@@ -101,7 +101,7 @@ class Company:
         r = cfg.routing
         self.lookup = ManagerLookup(self.crm, cfg.manager_codes, self.statuses, timeout=r.timeout,
                                     cache_ttl=r.cache_ttl, negative_ttl=r.negative_ttl, cache_size=r.cache_size,
-                                    ignore_status=r.ignore_status)
+                                    ignore_status=r.ignore_status, breaker=r.breaker, breaker_max=r.breaker_max)
         self.click_to_call_off = ""
         self.originator = self._originator(listener, tracker, watch)
         self.status_handler = StatusHandler(cfg.integration.client_id, cfg.manager_codes, self.statuses)
