@@ -121,11 +121,7 @@ def parse(name: str, raw: Any, top: Config, *, where: str, fingerprint: str = ""
         if key not in _TOP_KEYS:
             raise ConfigError(f"{where}: {key}: not a tenant setting (the provider's settings stay in the main "
                               f"config; a tenant file has {', '.join(sorted(_TOP_KEYS))})")
-    domains = _checked(where, "domains", _domains, raw.get("domains"))
-    managers = _checked(where, "managers", _managers, raw.get("managers"))
-    phones = _checked(where, "external_phones", _phones, raw.get("external_phones"))
-    replaced: dict[str, Any] = {"managers": managers, "external_phones": phones, "tenants_dir": None}
-    for section, (cls, allowed) in _OVERRIDES.items():
+    for section, (_cls, allowed) in _OVERRIDES.items():
         given = raw.get(section) or {}
         if not isinstance(given, Mapping):
             raise ConfigError(f"{where}: {section}: expected a mapping of settings")
@@ -133,6 +129,12 @@ def parse(name: str, raw: Any, top: Config, *, where: str, fingerprint: str = ""
             if key not in allowed:
                 raise ConfigError(f"{where}: {section}.{key}: not a per-tenant setting (allowed: "
                                   f"{', '.join(sorted(allowed))})")
+    domains = _checked(where, "domains", _domains, raw.get("domains"))
+    managers = _checked(where, "managers", _managers, raw.get("managers"))
+    phones = _checked(where, "external_phones", _phones, raw.get("external_phones"))
+    replaced: dict[str, Any] = {"managers": managers, "external_phones": phones, "tenants_dir": None}
+    for section, (cls, allowed) in _OVERRIDES.items():
+        given = raw.get(section) or {}
         current = getattr(top, section)
         base = {k: getattr(current, k) for k in allowed if k not in _OWN.get(section, ())}
         base = {k: v for k, v in base.items() if v is not None}
@@ -140,7 +142,9 @@ def parse(name: str, raw: Any, top: Config, *, where: str, fingerprint: str = ""
             base["manager_dial"] = TENANT_MANAGER_DIAL   # extension 100 exists in every domain
         try:
             # No environment: FSBRIDGE_CRM_API_KEY and the like are the single company's, not every tenant's.
-            values = _apply(cls, {**base, **given}, f"{section}.", env={})
+            # The provider's values of what a tenant may not set are kept as they are (not checked again).
+            provider_only = frozenset(f"{section}.{f.name}" for f in dataclasses.fields(cls) if f.name not in allowed)
+            values = _apply(cls, {**base, **given}, f"{section}.", env={}, optional=provider_only)
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
         replaced[section] = dataclasses.replace(current, **values)
