@@ -34,6 +34,7 @@ from fsbridge.record_links import UUID_RE, RecordLinks
 from fsbridge.recordings import Recordings
 from fsbridge.tenants.company import Company
 from fsbridge.tenants.observe import AllCards, TenantMetrics, TenantsReachability, tenant_checks
+from fsbridge.tenants.ops import TenantsOps
 from fsbridge.tenants.registry import Companies, TenantRoutingHandler, register_callbacks
 
 log = logging.getLogger("fsbridge")
@@ -148,6 +149,7 @@ class Bridge:
         router = Router()
         TenantRoutingHandler(self.companies, allow_from=self.cfg.routing.allow_from).register(router)
         OpsHandlers(self.metrics, self.health).register(router)
+        TenantsOps(self.companies, allow_from=self.cfg.routing.allow_from).register(router)
         return router
 
     def reload(self) -> dict[str, str]:

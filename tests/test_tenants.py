@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import logging
 import pathlib
+import subprocess
+import sys
 import textwrap
 from typing import Any
 
 import gevent
 import pytest
 import requests
+import yaml
 
 from fsbridge import config
 from fsbridge.calls.legs import CUSTOMER, MANAGER, OTHER
@@ -345,3 +348,88 @@ def test_a_rejected_key_is_reported_once_and_its_calls_wait(simulator, crms, pro
     crms["beta"].api_key = KEYS["beta"]
     until(lambda: len(uploaded(crms["beta"])) >= 3, timeout=90, what="beta's history once the key works")
     assert {c["externalId"] for c in uploaded(crms["beta"])} == {p.a_leg for p in played}
+
+
+# -- reload and the command line ------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fsbridge_cli(config_path: pathlib.Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fsbridge", *args, "--config", str(config_path)],
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def provider_file(tmp_path, simulator, tenants_dir):
+    raw = provider_raw(tenants_dir, simulator.port)
+    raw["http"] = {"listen": "127.0.0.1:0", "internal_listen": f"127.0.0.1:{free_port()}"}
+    path = tmp_path / "fsbridge.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    bridge = Bridge(config.load(path, env={}))
+    bridge.start()
+    until(lambda: bridge.listener.connected, what="fsbridge to connect")
+    simulator.wait_for_subscriber()
+    yield path, bridge
+    bridge.stop()
+
+
+def test_reload_applies_added_changed_removed_and_refuses_a_broken_file(simulator, crms, tenants_dir,
+                                                                        provider_file, caplog) -> None:
+    caplog.set_level(logging.INFO)
+    path, bridge = provider_file
+    # A call of beta is in progress when beta's file is removed: it finishes, and waits in the outbox.
+    played = simulator.play("inbound_answered", None, as_beta("inbound_answered"), until="CHANNEL_BRIDGE")
+    beta_file = (tenants_dir / "beta.yaml").read_text()
+    (tenants_dir / "beta.yaml").unlink()
+    proc = fsbridge_cli(path, "reload")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "1 tenant(s) running" in proc.stdout
+    simulator.resume(played)
+    until(lambda: bridge.outbox.pending_by_tenant() == {"beta": 1}, what="the removed tenant's call kept")
+    listing = fsbridge_cli(path, "tenants")
+    assert "beta" in listing.stdout and "removed" in listing.stdout, listing.stdout
+    assert "pending by tenant: beta 1" in fsbridge_cli(path, "outbox").stdout
+    # A broken file is refused in one line naming file and key; acme keeps its last good settings.
+    (tenants_dir / "acme.yaml").write_text(tenant_yaml("acme", crms["acme"].url).replace("timezone: Europe/Moscow",
+                                                                                        "timezone: Mars/Olympus"))
+    proc = fsbridge_cli(path, "reload")
+    assert proc.returncode == 1
+    assert f"refused acme: {tenants_dir / 'acme.yaml'}: crm.timezone: expected an IANA time zone" in proc.stdout
+    simulator.play("inbound_busy")
+    until(lambda: len(crms["acme"].events) >= 2, what="acme's cards under its last good settings")
+    # beta comes back, on another CRM account URL: its kept call goes out there, and new calls follow.
+    moved = crm_for("beta")
+    try:
+        (tenants_dir / "beta.yaml").write_text(beta_file.replace(crms["beta"].url, moved.url))
+        assert bridge.reload() == {"acme": bridge.companies.errors["acme"]}
+        until(lambda: len(uploaded(moved)) == 1, what="the kept call delivered once beta is back")
+        assert uploaded(moved)[0]["externalId"] == played.a_leg
+        simulator.play("inbound_busy", None, as_beta("inbound_busy"))
+        until(lambda: len(moved.events) >= 2, what="beta's cards on its new CRM")
+        assert crms["beta"].events == [e for e in crms["beta"].events if e["callExternalId"] == played.a_leg]
+    finally:
+        moved.stop()
+    assert "tenant beta removed" in caplog.text and "tenant beta added" in caplog.text
+
+
+def test_register_info_and_check_take_a_tenant(crms, tenants_dir, provider_file) -> None:
+    path, _bridge = provider_file
+    proc = fsbridge_cli(path, "register")
+    assert proc.returncode == 2 and "--tenant NAME, or --all" in proc.stdout
+    proc = fsbridge_cli(path, "register", "--tenant", "beta")
+    assert proc.returncode == 0, proc.stdout
+    assert list(crms["beta"].modules) == ["fsbridge"] and crms["acme"].modules == {}
+    assert crms["beta"].modules["fsbridge"]["clientId"] == CLIENT_IDS["beta"]
+    proc = fsbridge_cli(path, "register", "--all")
+    assert proc.returncode == 0 and "== tenant acme" in proc.stdout and "== tenant beta" in proc.stdout
+    assert crms["acme"].modules["fsbridge"]["clientId"] == CLIENT_IDS["acme"]
+    assert CLIENT_IDS["acme"] not in proc.stdout + proc.stderr
+    proc = fsbridge_cli(path, "check", "--tenant", "nobody")
+    assert proc.returncode == 1 and "tenant nobody: no such tenant file" in proc.stdout
