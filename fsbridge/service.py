@@ -86,6 +86,7 @@ class Bridge:
         # MP3 encoding runs in child processes, two at a time, never on the ESL reading path: the reader only
         # spawns (a Pool would make it wait for a free slot), the greenlet waits for its turn.
         self._encoders = gevent.pool.Group()
+        self._located: dict[str, str | None] = {}
         self._encoder_slots = gevent.lock.BoundedSemaphore(2)
         self.health = Health(
             esl_connected=lambda: self.listener.connected,
@@ -140,8 +141,8 @@ class Bridge:
         router = Router()
         register_callbacks(router, self.companies)
         LogoHandler().register(router)
-        RecordsHandler(self.links, self.recordings,
-                       accel_redirect_prefix=cfg.records.accel_redirect_prefix or None).register(router)
+        RecordsHandler(self.links, self.recordings, accel_redirect_prefix=cfg.records.accel_redirect_prefix or None,
+                       locate=self._locate_recording).register(router)
         return router
 
     def _internal_routes(self) -> Router:
@@ -168,11 +169,25 @@ class Bridge:
         self.companies.finished(call)
         if self.cfg.records.prefer_mp3 and has_talk_recording(call):
             ref = record_id_of(call.recording_path or "")
-            if ref is not None and ref[1] == "wav":
-                # Rebuilt from the allow-listed id: the header's own path never reaches the encoder.
-                self._encoders.spawn(self._to_mp3, self.recordings.wav_path(ref[0]))
+            subdir = self.companies.recording_subdir(call, self.recordings)
+            if ref is not None and ref[1] == "wav" and subdir is not None:
+                # Rebuilt from the allow-listed id and directory: the header's own path never reaches the encoder.
+                self._encoders.spawn(self._to_mp3, self.recordings.wav_path(ref[0], subdir))
         if self.observer is not None:
             self.observer(call)
+
+    def _locate_recording(self, record_id: str) -> str | None:
+        """The directory of a record link's file: its call's RECORD_STOP path, checked (registry.py)."""
+        known = self._located.get(record_id, False)
+        if known is not False:
+            return known  # type: ignore[return-value]
+        call = self.outbox.find(record_id)
+        if call is None:
+            return ""   # no call of that id (yet): the flat <records.dir>/<uuid>.<ext>
+        if len(self._located) >= 4096:
+            self._located.clear()
+        subdir = self._located[record_id] = self.companies.recording_subdir(call, self.recordings)
+        return subdir
 
     def _to_mp3(self, wav: Path) -> None:
         with self._encoder_slots:

@@ -6,11 +6,13 @@ DID of one company or the other written on the wire."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pathlib
 import subprocess
 import sys
 import textwrap
+import uuid as uuidlib
 from typing import Any
 
 import gevent
@@ -435,3 +437,43 @@ def test_register_info_and_check_take_a_tenant(crms, tenants_dir, provider_file)
     assert CLIENT_IDS["acme"] not in proc.stdout + proc.stderr
     proc = fsbridge_cli(path, "check", "--tenant", "nobody")
     assert proc.returncode == 1 and "tenant nobody: no such tenant file" in proc.stdout
+
+
+# -- recordings -------------------------------------------------------------------------------------------
+
+
+def test_record_links_resolve_in_fusionpbx_layout_to_that_tenants_calls_only(tmp_path, simulator, tenants_dir,
+                                                                             fixtures_dir) -> None:
+    from tests.test_history_outbox import make_call
+
+    records = tmp_path / "recordings"
+    sample = (fixtures_dir / "recordings" / "31ff8abf-a4ac-4f83-a050-5a0db45e0c55.wav").read_bytes()
+    ids = {name: str(uuidlib.uuid4()) for name in ("acme", "beta", "forged", "flat")}
+    day = "archive/2026/Dec/04"
+    for name, domain in (("acme", DOMAINS["acme"]), ("beta", DOMAINS["beta"]), ("forged", DOMAINS["acme"])):
+        (records / domain / day).mkdir(parents=True, exist_ok=True)
+        (records / domain / day / f"{ids[name]}.wav").write_bytes(sample)
+    (records / f"{ids['flat']}.wav").write_bytes(sample)
+    raw = provider_raw(tenants_dir, simulator.port)
+    raw["records"] = {**raw["records"], "dir": str(records)}
+    bridge = Bridge(config.from_mapping(raw, env={}))
+    bridge.start()
+    try:
+        paths = {"acme": f"{records}/{DOMAINS['acme']}/{day}/{ids['acme']}.wav",
+                 "beta": f"{records}/{DOMAINS['beta']}/{day}/{ids['beta']}.wav",
+                 # beta's call claiming a file in acme's directory (a forged or mistaken RECORD_STOP path)
+                 "forged": f"{records}/{DOMAINS['acme']}/{day}/{ids['forged']}.wav",
+                 "flat": f"{records}/{ids['flat']}.wav"}
+        owner = {"acme": "acme", "beta": "beta", "forged": "beta", "flat": "beta"}
+        for n, (name, path) in enumerate(paths.items()):
+            call = dataclasses.replace(make_call(n, recording_path=path, recording_ms=5000), call_id=ids[name],
+                                       tenant=owner[name])
+            bridge._finished(call)
+        got = {name: requests.get(base_url(bridge) + bridge.links.path(ids[name]), timeout=5) for name in ids}
+        assert {name: r.status_code for name, r in got.items()} == {"acme": 200, "beta": 200, "forged": 404,
+                                                                    "flat": 200}
+        assert got["acme"].content == sample
+        # The link is the same shape as ever: nothing in it names a directory.
+        assert bridge.links.path(ids["acme"]).count("/") == 3
+    finally:
+        bridge.stop()

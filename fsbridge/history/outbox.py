@@ -395,6 +395,15 @@ class Outbox:
             out.append(Quarantined(row, external_id, call, reason or "", since or 0.0))
         return out
 
+    def find(self, external_id: str) -> FinishedCall | None:
+        """The stored call of that id (any state), None if there is none or it cannot be read back."""
+        with self._lock:
+            row = self._db.execute("SELECT payload FROM calls WHERE external_id = ?", (external_id,)).fetchone()
+        try:
+            return decode_call(row[0]) if row else None
+        except (ValueError, TypeError):
+            return None
+
     def state_of(self, external_id: str) -> str | None:
         with self._lock:
             row = self._db.execute("SELECT state FROM calls WHERE external_id = ?", (external_id,)).fetchone()

@@ -18,6 +18,7 @@ block of conf/nginx/fsbridge.conf (whose `location /records/` forwards to fsbrid
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from email.utils import formatdate, parsedate_to_datetime
 from functools import lru_cache
 from typing import Literal
@@ -106,6 +107,7 @@ class RecordsHandler:
         *,
         accel_redirect_prefix: str | None = None,
         chunk_size: int = 256 * 1024,
+        locate: Callable[[str], str | None] | None = None,
     ) -> None:
         if accel_redirect_prefix is not None and not (
             accel_redirect_prefix.startswith("/") and accel_redirect_prefix.endswith("/")
@@ -115,6 +117,9 @@ class RecordsHandler:
         self.recordings = recordings
         self.accel_redirect_prefix = accel_redirect_prefix
         self.chunk_size = chunk_size
+        # record id -> its directory under the recordings directory ("" flat), None: not to be served.
+        # Found from the call (its RECORD_STOP path), never from the URL.
+        self.locate = locate
 
     def register(self, router: Router) -> None:
         # The query is not ours: retailCRM or a player may append anything, even twice.
@@ -130,19 +135,23 @@ class RecordsHandler:
         if not self.links.verify(ref.signature, ref.record_id, ref.ext):
             return Response.text(403, "forbidden")
 
+        subdir = self.locate(ref.record_id) if self.locate is not None else ""
+        if subdir is None:
+            return Response.text(404, "not found")
         if self.accel_redirect_prefix is not None:
-            found = self.recordings.find(ref.record_id, ref.ext)
+            found = self.recordings.find(ref.record_id, ref.ext, subdir)
             if found is None:
                 return Response.text(404, "not found")
             name = f"{ref.record_id}.{found.ext}"
+            where = f"{subdir}/{name}" if subdir else name
             return Response.empty(200, {
-                "X-Accel-Redirect": f"{self.accel_redirect_prefix}{name}",
+                "X-Accel-Redirect": f"{self.accel_redirect_prefix}{where}",
                 "Content-Type": found.content_type,
                 "Content-Disposition": f'inline; filename="{name}"',
                 "Cache-Control": "private",
             })
 
-        rec = self.recordings.open(ref.record_id, ref.ext)
+        rec = self.recordings.open(ref.record_id, ref.ext, subdir)
         if rec is None:
             return Response.text(404, "not found")
         try:

@@ -30,6 +30,7 @@ from fsbridge.http.make_call import DEFAULT_PATH as MAKE_CALL_PATH
 from fsbridge.http.status import DEFAULT_PATH as STATUS_PATH
 from fsbridge.originate import ClickWatch
 from fsbridge.record_links import RecordLinks
+from fsbridge.recordings import Recordings
 from fsbridge.routing import ManagerLookup
 from fsbridge.tenants.attribution import Attribution
 from fsbridge.tenants.company import Company
@@ -110,6 +111,19 @@ class Companies:
         if self.single:
             return self.by_name.get(IMPLICIT)
         return self._by_domain.get((domain or "").strip().lower().rstrip("."))
+
+    def recording_subdir(self, call: FinishedCall, recordings: Recordings) -> str | None:
+        """Where a call's recording is under records.dir: "" for the directory itself (also for a path that
+        is not under it: only the allow-listed uuid is used then, as always), the directory its RECORD_STOP
+        path names (FusionPBX: <domain>/archive/<YYYY>/<Mon>/<DD>), or None when that directory belongs to
+        another tenant's domain: a link then resolves to no file at all."""
+        subdir = recordings.subdir_of(call.recording_path)
+        if not subdir:
+            return ""
+        if self.single:
+            return subdir
+        company = self.get(call.tenant)
+        return subdir if company is not None and subdir.split("/", 1)[0] in company.tenant.domains else None
 
     # -- the ESL reading path: enqueue only --
 
