@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 from fsbridge import __version__, logs
 from fsbridge.config import Config, ConfigError, load
@@ -65,9 +69,12 @@ def cmd_check(cfg: Config, args: argparse.Namespace) -> int:
     print(f"config: ok ({len(cfg.managers)} manager(s), {len(cfg.external_phones)} external number(s))")
     if args.config_only:
         return 0
+    cdr_report: list[str] = []
     try:
         conn = EventListener(cfg.freeswitch, lambda ev: None).connect_once()
         version = conn.api("version").strip()
+        if cfg.freeswitch.cdr_dir:
+            cdr_report = _freeswitch_cdr_problems(conn, Path(cfg.freeswitch.cdr_dir))
         conn.stop()
         print(f"freeswitch: ok ({cfg.freeswitch.host}:{cfg.freeswitch.port}, {version or 'version unknown'})")
     except EslError as exc:
@@ -82,7 +89,55 @@ def cmd_check(cfg: Config, args: argparse.Namespace) -> int:
     except CRMError as exc:
         ok = False
         print(f"crm: FAILED: {exc}")
-    return 0 if ok else 1
+    cdr_ok, line = _check_cdr(cfg, cdr_report)
+    print(line)
+    return 0 if ok and cdr_ok else 1
+
+
+def _freeswitch_cdr_problems(conn: Any, cdr_dir: Path) -> list[str]:
+    """What FreeSWITCH says about its CDR record: mod_json_cdr loaded, and its settings as fsbridge needs them."""
+    if conn.api("module_exists mod_json_cdr").strip() != "true":
+        return ["mod_json_cdr is not loaded (add it to modules.conf.xml, copy "
+                "conf/freeswitch/autoload_configs/json_cdr.conf.xml, `load mod_json_cdr`)"]
+    problems = []
+    xml = conn.api("xml_locate configuration configuration name json_cdr.conf")
+    params = {m[1].lower(): m[2] for m in re.finditer(r'<param\s+name="([^"]*)"\s+value="([^"]*)"', xml)}
+    if not params:
+        return problems    # not readable this way: the documents' presence below says the rest
+    if params.get("url") and params.get("log-http-and-disk", "false").lower() not in ("true", "yes", "on", "1"):
+        problems.append("json_cdr.conf posts to a URL: documents reach its log-dir only when the post fails "
+                        "(remove the url, or set log-http-and-disk)")
+    if params.get("log-b-leg", "true").lower() in ("false", "no", "off", "0"):
+        problems.append("json_cdr.conf has log-b-leg false: managers' legs leave no document")
+    if params.get("rotate", "false").lower() in ("true", "yes", "on", "1"):
+        problems.append("json_cdr.conf rotates log-dir into dated subdirectories, which fsbridge does not read")
+    log_dir = params.get("log-dir", "")
+    if log_dir.startswith("/") and Path(log_dir) != cdr_dir:
+        problems.append(f"json_cdr.conf writes to {log_dir}, freeswitch.cdr_dir is {cdr_dir}")
+    return problems
+
+
+def _check_cdr(cfg: Config, freeswitch_problems: list[str]) -> tuple[bool, str]:
+    if not cfg.freeswitch.cdr_dir:
+        return True, ("cdr: off (freeswitch.cdr_dir not set): calls that end while fsbridge is stopped or cut off "
+                      "from FreeSWITCH cannot be recovered")
+    path = Path(cfg.freeswitch.cdr_dir)
+    if freeswitch_problems:
+        return False, "cdr: FAILED: " + "; ".join(freeswitch_problems)
+    if not path.is_dir():
+        return False, f"cdr: FAILED: {path} does not exist (mod_json_cdr's log-dir, freeswitch.cdr_dir)"
+    if not os.access(path, os.R_OK | os.X_OK):
+        return False, f"cdr: FAILED: fsbridge cannot read {path} (add its user to FreeSWITCH's group)"
+    docs = [e for e in os.scandir(path) if e.name.endswith(".cdr.json")]
+    if not docs:
+        return False, f"cdr: FAILED: no CDR document in {path} yet (place a test call, then check again)"
+    newest = max(e.stat().st_mtime for e in docs)
+    cleans = ("fsbridge deletes accounted documents after "
+              f"{cfg.freeswitch.cdr_keep_days} day(s)" if cfg.freeswitch.cdr_keep_days else "clean it yourself")
+    if cfg.freeswitch.cdr_keep_days and not os.access(path, os.W_OK):
+        cleans = "fsbridge cannot delete there: clean it yourself or give it write access"
+    age = time.time() - newest
+    return True, f"cdr: ok ({path}: {len(docs)} document(s), the newest {age / 60:.0f} min old; {cleans})"
 
 
 def _registration(action: str) -> Callable[[Config, argparse.Namespace], int]:

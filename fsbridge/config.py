@@ -229,6 +229,14 @@ class FreeSwitchSettings:
     reconcile_interval: float = setting(
         300.0, "Seconds between checks of tracked calls against `show channels` (catches lost events)",
         _number(5, 86400))
+    cdr_dir: Path | None = setting(
+        "", "Where mod_json_cdr writes one <uuid>.cdr.json per finished leg (its log-dir, file mode; "
+        "conf/freeswitch/autoload_configs/json_cdr.conf.xml): the calls that end while fsbridge is down or cut "
+        "off are recovered from it. Empty: off (such calls are lost)",
+        lambda value: _optional_path(value))  # defined further down, with the other path checks
+    cdr_keep_days: int = setting(
+        7, "Days fsbridge keeps a CDR document it has accounted for before deleting it (it never deletes one it "
+        "has not); 0: never delete (clean the directory yourself)", _number(0, 3650, int))
 
 
 @dataclass(frozen=True)

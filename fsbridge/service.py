@@ -14,6 +14,7 @@ import gevent.lock
 import gevent.pool
 
 from fsbridge import history
+from fsbridge.calls.cdr_spool import CdrSpool
 from fsbridge.calls.model import FinishedCall
 from fsbridge.calls.tracker import CallTracker
 from fsbridge.config import Config, ConfigError
@@ -42,6 +43,7 @@ log = logging.getLogger("fsbridge")
 # client keeps its case: channels are listed whatever the case, and only uuid-shaped ids reach a command.
 CHANNEL_UUID_RE = re.compile(UUID_RE.pattern, re.IGNORECASE)
 _ROW_UUID_RE = re.compile(rf'"uuid":\s*"({UUID_RE.pattern})"', re.IGNORECASE)
+CDR_LEDGER_FILE = "cdr-ledger.sqlite3"
 
 
 def live_channel_uuids(conn: EslConnection) -> set[str]:
@@ -53,6 +55,30 @@ def live_channel_uuids(conn: EslConnection) -> set[str]:
     if not body.lstrip().startswith("{"):
         raise EslError(f"`show channels as json` did not answer JSON: {body[:80]!r}")
     return set(_ROW_UUID_RE.findall(body))
+
+
+class _RecoveredCalls:
+    """The spool's way into the history: calls rebuilt from FreeSWITCH's CDRs (no cards for them)."""
+
+    def __init__(self, bridge: Bridge) -> None:
+        self.bridge = bridge
+
+    def known(self, call_ids: list[str]) -> set[str]:
+        if self.bridge.companies.single:
+            return self.bridge.history.known(call_ids)
+        return self.bridge.outbox.known(call_ids)
+
+    def record(self, calls: list[FinishedCall]) -> bool:
+        # The outbox is shared: one transaction for all, then each company's uploader is woken for its own.
+        if not self.bridge.history.record(calls):
+            return False
+        for company in {c.tenant for c in calls}:
+            found = self.bridge.companies.get(company)
+            if found is not None:
+                found.history.wake()
+        for call in calls:
+            self.bridge._after_history(call)
+        return True
 
 
 class Bridge:
@@ -79,6 +105,10 @@ class Bridge:
                                    on_finished=self._finished)
         self.listener = EventListener(cfg.freeswitch, self.on_event, on_connect=self._after_connect)
         self.companies.build(self.listener, self.tracker, crm=crm)
+        # The live view is whole once, connected, fsbridge has taken stock of FreeSWITCH's channels.
+        self._view_of: EslConnection | None = None
+        self._stopped = False
+        self.spool = self._cdr_spool()
         self.last_event_at: float | None = None
         self._periodic: gevent.Greenlet | None = None
         self.recordings = Recordings(cfg.records.dir, prefer_mp3=cfg.records.prefer_mp3,
@@ -155,7 +185,10 @@ class Bridge:
 
     def reload(self) -> dict[str, str]:
         """Apply the tenant files as they are now (`fsbridge reload`, SIGHUP); the refusals by tenant."""
-        return self.companies.reload()
+        refused = self.companies.reload()
+        if self.spool is not None:
+            self.spool.calls = self.companies.directory   # CDRs are attributed as live calls are
+        return refused
 
     # -- the reading path: no I/O but the outbox's single INSERT (see history/outbox.py) --
 
@@ -165,8 +198,30 @@ class Bridge:
         self.tracker.handle(event)
         self.companies.watch.on_event(event)
 
+    def _cdr_spool(self) -> CdrSpool | None:
+        fs = self.cfg.freeswitch
+        if not fs.cdr_dir:
+            return None
+        return CdrSpool(Path(fs.cdr_dir), self.cfg.storage.dir / CDR_LEDGER_FILE, self.tracker.directory,
+                        _RecoveredCalls(self), records_dir=self.cfg.records.dir,
+                        live=self.tracker.legs.__contains__, view_ready=self._view_ready,
+                        keep_days=fs.cdr_keep_days)
+
+    def _view_ready(self) -> bool:
+        conn = self.listener.connection
+        return conn is not None and conn is self._view_of and self.listener.connected
+
     def _finished(self, call: FinishedCall) -> None:
+        if call.gap and self.spool is not None:
+            # Part of it happened while events were not arriving: FreeSWITCH's CDRs complete it.
+            self.spool.defer(call)
+            return
         self.companies.finished(call)
+        if self.spool is not None:
+            self.spool.note_live(call)
+        self._after_history(call)
+
+    def _after_history(self, call: FinishedCall) -> None:
         if self.cfg.records.prefer_mp3 and has_talk_recording(call):
             ref = record_id_of(call.recording_path or "")
             subdir = self.companies.recording_subdir(call, self.recordings)
@@ -210,13 +265,18 @@ class Bridge:
         live = live_channel_uuids(conn)
         self.reconcile(conn, ended_by=self.listener.disconnected_at, snapshot=snapshot, live=live)
         self.adopt(conn, live=live)
+        self._view_of = conn
+        if self.spool is not None:
+            self.spool.wake()
 
     def adopt(self, conn: EslConnection, limit: int = 5000, live: set[str] | None = None) -> int:
-        """Follow the calls that were already up when we connected (fsbridge restarted mid-call)."""
+        """Follow the calls that were already up when we connected (fsbridge restarted mid-call), and bring
+        the ones we know up to date (answered or bridged while the socket was down)."""
         live = live_channel_uuids(conn) if live is None else live
-        unknown = [u for u in live if u not in self.tracker.legs][:limit]
+        # Unknown channels first: with more than `limit`, taking calls over matters more than refreshing.
+        ordered = sorted(live, key=lambda u: u in self.tracker.legs)[:limit]
         dumps = []
-        for uuid in unknown:
+        for uuid in ordered:
             if not CHANNEL_UUID_RE.fullmatch(uuid):
                 continue   # it goes into an api command: only a uuid may
             body = conn.api(f"uuid_dump {uuid} json")
@@ -240,10 +300,19 @@ class Bridge:
         self.companies.start()
         self.listener.start()
         self._periodic = gevent.spawn(self._reconcile_periodically)
+        if self.spool is not None:
+            self.spool.start()
+        else:
+            log.warning("freeswitch.cdr_dir is not set: calls that end while fsbridge is stopped or cut off from "
+                        "FreeSWITCH cannot be recovered (see docs/deploy.md, \"CDR record\")")
         self.hub_watch.start()  # last: nothing to undo if an earlier start fails (the port is taken)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop taking events, then flush what can be flushed within `timeout`; the outbox keeps the rest."""
+        """Stop taking events, then flush what can be flushed within `timeout`; the outbox keeps the rest.
+        Once: a second call does nothing."""
+        if self._stopped:
+            return
+        self._stopped = True
         try:
             self._stop(timeout)
         finally:
@@ -254,6 +323,8 @@ class Bridge:
         if self._periodic is not None:
             self._periodic.kill()
         self.listener.stop()
+        if self.spool is not None:
+            self.spool.stop()
         # Give the history a last chance to go out now rather than at the next start.
         for company in self.companies:
             company.history.wake()
@@ -331,6 +402,15 @@ class Bridge:
         m.watch("fsbridge_outbox_calls", "Calls in the history outbox by state", outbox)
         m.watch("fsbridge_outbox_oldest_pending_seconds", "Age of the oldest call waiting for upload",
                 lambda: [({}, self._outbox_oldest_age() or 0.0)])
+        if self.spool is not None:
+            st = self.spool.stats
+            m.watch("fsbridge_cdr_calls_total", "Calls written to the history from FreeSWITCH's CDR documents",
+                    lambda: [({"how": "recovered"}, st.recovered), ({"how": "completed"}, st.completed),
+                             ({"how": "guessed"}, st.guessed)], counter=True)
+            m.watch("fsbridge_cdr_documents_total", "CDR documents read, accounted for, deleted, unusable",
+                    lambda: [({"what": "read"}, st.reads), ({"what": "accounted"}, st.accounted),
+                             ({"what": "deleted"}, st.deleted), ({"what": "unreadable"}, st.unreadable)],
+                    counter=True)
 
         def originated() -> list[tuple[dict[str, str], float]]:
             started = sum(c.originator.started for c in self.companies if c.originator is not None)

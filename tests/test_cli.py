@@ -50,3 +50,34 @@ def test_run_with_a_state_directory_it_cannot_create_says_so_in_one_line(tmp_pat
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
         f"fsbridge: cannot start: storage.dir: cannot create {blocker / 'state'}: Not a directory"]
+
+
+def test_check_tells_whether_freeswitchs_cdr_record_is_set_up_as_fsbridge_needs(tmp_path, simulator, fake_crm) -> None:
+    from tests.fakes.freeswitch import write_cdr_pairs
+
+    cdr_dir = tmp_path / "log" / "json_cdr"
+    cdr_dir.mkdir(parents=True)
+    shipped = (ROOT / "conf" / "freeswitch" / "autoload_configs" / "json_cdr.conf.xml").read_text()
+    # What `xml_locate` answers: the section as FreeSWITCH loaded it, its $${log_dir} expanded.
+    simulator.api_responses["xml_locate"] = shipped[shipped.index("<configuration"):].replace(
+        "$${log_dir}", str(tmp_path / "log"))
+    raw = settings(fs_port=simulator.port, crm_url=fake_crm.url, freeswitch={"cdr_dir": str(cdr_dir)})
+
+    proc = check(tmp_path, raw)
+    assert proc.returncode == 1 and "cdr: FAILED: no CDR document in" in proc.stdout, proc.stdout
+    write_cdr_pairs(cdr_dir, [1_700_000_000_000_000])
+    proc = check(tmp_path, raw)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines()[3].startswith(f"cdr: ok ({cdr_dir}: 2 document(s)")
+
+    simulator.api_responses["xml_locate"] = simulator.api_responses["xml_locate"].replace(
+        '"log-b-leg" value="true"', '"log-b-leg" value="false"')
+    proc = check(tmp_path, raw)
+    assert proc.returncode == 1 and "log-b-leg false" in proc.stdout
+    simulator.modules.discard("mod_json_cdr")
+    proc = check(tmp_path, raw)
+    assert proc.returncode == 1 and "cdr: FAILED: mod_json_cdr is not loaded" in proc.stdout
+
+    del raw["freeswitch"]["cdr_dir"]
+    proc = check(tmp_path, raw)
+    assert proc.returncode == 0 and "cdr: off" in proc.stdout

@@ -437,3 +437,26 @@ def test_health_hooks(fake: FakeRetailCRM, outbox: Outbox, make_uploader: Callab
     until(lambda: uploader.oldest_pending_age() is None, timeout=3.0)
     uploader.stop()
     assert not uploader.alive
+
+
+def test_the_log_says_once_when_the_history_waits_on_the_crm_and_once_when_it_drained(
+        fake: FakeRetailCRM, outbox: Outbox, make_uploader: Callable[..., Uploader], caplog) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, logger="fsbridge.history")
+    fake.outage = "html503"
+    uploader = make_uploader()
+    uploader.waiting_after = 0.5
+    for n in range(3):
+        uploader.on_finished(make_call(n))
+    until(lambda: "waiting on the CRM" in caplog.text, timeout=10, what="the waiting line")
+    failures = uploader.stats.failures
+    until(lambda: uploader.stats.failures >= failures + 2, timeout=10, what="more retries")
+    fake.outage = None
+    until(lambda: len(fake.calls) == 3, timeout=10, what="the calls after the outage")
+    gevent.sleep(0.2)
+    lines = [r.getMessage() for r in caplog.records]
+    waiting = [line for line in lines if "waiting on the CRM" in line]
+    assert len(waiting) == 1 and "3 call(s) wait in the outbox" in waiting[0]
+    assert len([line for line in lines if "drained" in line]) == 1
+    assert len([line for line in lines if "upload of" in line]) == 1, "one line per problem, not per retry"

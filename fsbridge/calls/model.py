@@ -54,6 +54,13 @@ class FinishedCall:
     site: str | None = None
     recording_path: str | None = None
     recording_ms: int | None = None
+    # The channels of the call (uuids): FreeSWITCH's CDR documents of these legs are this call's.
+    legs: tuple[str, ...] = ()
+    # Some of its events were never seen (taken over after a restart, or legs closed by reconciliation
+    # after a socket gap): what is known of it may be a guess, and FreeSWITCH's CDRs say better.
+    gap: bool = False
+    # Where fsbridge learnt it: "events" (followed live) or "cdr" (rebuilt from FreeSWITCH's CDR documents).
+    source: str = "events"
     # The company whose history it goes to ("": the single company). A call rebuilt from a CDR document
     # gets it from the document's variables.domain_name (tenants.Attribution.tenant_of_domain).
     tenant: str = ""

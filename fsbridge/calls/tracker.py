@@ -55,6 +55,7 @@ class Call:
     # and then it is nobody's: no card, no history.
     tenant: str | None = None
     directory: Directory | None = None
+    gap: bool = False                                    # some of its events were missed (see FinishedCall.gap)
 
     def customer(self) -> Leg | None:
         return next((leg for leg in self.legs if leg.role == CUSTOMER), None)
@@ -85,6 +86,7 @@ class CallTracker:
         self.calls_finished = 0
         self.closed_by_reconcile = 0
         self.adopted = 0
+        self.refreshed = 0          # known calls found answered / bridged after a gap
         self._adopting = False
         self._handlers: dict[str, Callable[[Event, Leg], None]] = {
             "CHANNEL_PROGRESS": self._ringing,
@@ -308,7 +310,8 @@ class CallTracker:
             answered=answered, result=result.result, hangup_status=result.hangup_status, hangup_cause=cause,
             start_us=call.start_us, answer_us=call.bridge_us or None,
             end_us=max(lg.end_us for lg in call.legs), external_phone=call.external_phone, site=call.site,
-            recording_path=call.recording_path, recording_ms=call.recording_ms, tenant=call.tenant))
+            recording_path=call.recording_path, recording_ms=call.recording_ms,
+            legs=tuple(lg.uuid for lg in call.legs), gap=call.gap, tenant=call.tenant))
 
     def _announce(self, call: Call, kind: str, codes: list[str]) -> None:
         codes = [c for c in codes if c and c not in call.announced]
@@ -330,16 +333,22 @@ class CallTracker:
 
     def adopt(self, channels: list[Event]) -> int:
         """Take over calls already up when fsbridge (re)started, from `uuid_dump <uuid> json` of each
-        channel we do not know: the channel data FreeSWITCH would have sent in its events. Without
-        this, a call in progress across a restart of fsbridge would never reach the history."""
+        channel: the channel data FreeSWITCH would have sent in its events. Without this, a call in
+        progress across a restart of fsbridge would never reach the history. Channels already known
+        are brought up to date (answered or bridged while events were not arriving, after a socket gap).
+        Returns how many channels were new."""
         fresh = [ch for ch in channels if ch.get("Unique-ID") and ch["Unique-ID"] not in self.legs]
+        known = [ch for ch in channels if ch.get("Unique-ID") in self.legs]
+        before = {id(c): (c.talked, c.bridge_us, len(c.rang)) for c in self._calls_of(known)}
         # Parents first, so a b-leg finds the call of the leg that originated it.
         fresh.sort(key=lambda ch: _int(ch.get("Caller-Channel-Created-Time")))
         self._adopting = True
         try:
             for ch in fresh:
                 self.handle({**ch, "Event-Name": "CHANNEL_CREATE"})
-            for ch in fresh:
+            for call in self._calls_of(fresh):
+                call.gap = True
+            for ch in fresh + known:
                 uuid = ch["Unique-ID"]
                 if ch.get("Answer-State") in ("early", "answered") or ch.get("Channel-Call-State") == "RINGING":
                     self.handle({**ch, "Event-Name": "CHANNEL_PROGRESS"})
@@ -350,10 +359,26 @@ class CallTracker:
                                  "Bridge-B-Unique-ID": partner, "Event-Date-Timestamp": str(bridged_us)})
         finally:
             self._adopting = False
+        updated = 0
+        for call in self._calls_of(known):
+            if before.get(id(call)) != (call.talked, call.bridge_us, len(call.rang)):
+                call.gap = True
+                updated += 1
+        if updated:
+            self.refreshed += updated
+            log.info("%d call(s) answered or bridged while events were not arriving, brought up to date", updated)
         if fresh:
             self.adopted += len(fresh)
             log.info("took over %d channel(s) already up when fsbridge connected", len(fresh))
         return len(fresh)
+
+    def _calls_of(self, channels: list[Event]) -> list[Call]:
+        calls: dict[int, Call] = {}
+        for ch in channels:
+            leg = self.legs.get(ch.get("Unique-ID", ""))
+            if leg is not None and leg.call is not None:
+                calls[id(leg.call)] = leg.call
+        return list(calls.values())
 
     def reconcile(self, live: set[str], snapshot: int, ended_by: float | None = None,
                   confirm_gone: Callable[[str], bool] | None = None) -> int:
@@ -369,6 +394,8 @@ class CallTracker:
         gone = [leg for leg in gone if not leg.ended and self.legs.get(leg.uuid) is leg]
         now = int((ended_by or time.time()) * 1e6)
         for leg in gone:
+            if leg.call is not None:
+                leg.call.gap = True   # its end is a guess: FreeSWITCH's CDR of it knows better
             self._end_leg(leg, leg.hangup_cause or "", now)
             self.legs.pop(leg.uuid, None)
         if gone:

@@ -99,6 +99,7 @@ def decode_call(text: str) -> FinishedCall:
     # Fields a later fsbridge added or dropped must not make old rows unreadable.
     known = {k: v for k, v in data.items() if k in _FIELD_SET}
     known["codes"] = tuple(known.get("codes") or ())
+    known["legs"] = tuple(known.get("legs") or ())
     return FinishedCall(**known)
 
 
@@ -246,6 +247,19 @@ class Outbox:
                 (call.call_id, payload, time.time(), call.tenant))
             self._pending += cur.rowcount
         return cur.rowcount == 1
+
+    def add_many(self, calls: Sequence[FinishedCall]) -> int:
+        """Store calls in one transaction (calls recovered in bulk); how many were new."""
+        now = time.time()
+        rows = [(call.call_id, encode_call(call), now, call.tenant) for call in calls]
+        added = 0
+        with self._lock, self._transaction():
+            for row in rows:
+                added += self._db.execute(
+                    "INSERT INTO calls (external_id, payload, added, tenant) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT(external_id) DO NOTHING", row).rowcount
+        self._pending += added
+        return added
 
     # -- the uploader side ---------------------------------------------------------------------
 
@@ -403,6 +417,19 @@ class Outbox:
             return decode_call(row[0]) if row else None
         except (ValueError, TypeError):
             return None
+
+    def known(self, external_ids: Iterable[str]) -> set[str]:
+        """Which of these call ids the outbox holds, whatever their state (one indexed lookup each)."""
+        ids = list(dict.fromkeys(external_ids))
+        found: set[str] = set()
+        for start in range(0, len(ids), 500):   # SQLite's limit on bound parameters
+            chunk = ids[start:start + 500]
+            with self._lock:
+                rows = self._db.execute(
+                    f"SELECT external_id FROM calls WHERE external_id IN ({','.join('?' * len(chunk))})",
+                    chunk).fetchall()
+            found.update(r[0] for r in rows)
+        return found
 
     def state_of(self, external_id: str) -> str | None:
         with self._lock:

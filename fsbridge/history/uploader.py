@@ -157,6 +157,12 @@ class Uploader:
         self._workers: set[gevent.Greenlet] = set()
         self._stopping = False
         self._next_purge = 0.0
+        # Seconds of failures before the log says the history waits on the CRM (once per episode).
+        self.waiting_after = 10.0
+        self._failing_since: float | None = None
+        self._waiting_said = False
+        self._last_failure = ""
+        self._sent_at_wait = 0
 
     # -- the ESL side ----------------------------------------------------------------------------
 
@@ -177,6 +183,23 @@ class Uploader:
             return
         if self.strategy == IMMEDIATE:
             self._wake.set()
+
+    def record(self, calls: Sequence[FinishedCall]) -> bool:
+        """Store calls rebuilt from FreeSWITCH's CDRs, in one transaction: True once they are durably in the
+        outbox. Unlike on_finished, a refused write is not held in memory: the CDR documents still have
+        the calls, and are only marked accounted for when this returned True."""
+        try:
+            self.outbox.add_many(calls)
+        except (sqlite3.Error, OutboxError) as exc:
+            log.error("cannot write %d call(s) to the outbox (%s); retried from their CDRs", len(calls), exc)
+            return False
+        self._wake.set()
+        return True
+
+    def known(self, call_ids: list[str]) -> set[str]:
+        """Which of these call ids are already in the history (outbox, or held in memory)."""
+        held = {c.call_id for c in self._unwritten}
+        return self.outbox.known(call_ids) | (held & set(call_ids))
 
     def wake(self) -> None:
         self._wake.set()
@@ -337,13 +360,36 @@ class Uploader:
                 self.stats.failures += 1
                 failures += 1
                 delay = backoff_delay(self.retry_base, failures, self.retry_max)
+                # One line per problem and per episode, not per retry: an outage of hours stays readable.
                 level = logging.ERROR if isinstance(exc, CRMRejected) else logging.WARNING
-                log.log(level, "call history upload of %d call(s) failed, retrying in %.1f s: %s",
-                        len(part), delay, exc)
+                message = str(exc)
+                if message != self._last_failure:
+                    log.log(level, "call history upload of %d call(s) failed, retrying with backoff: %s",
+                            len(part), exc)
+                    self._last_failure = message
+                self._note_failure()
             else:
                 self._confirmed(part, reply)
                 return None
             gevent.sleep(delay)
+
+    def _note_failure(self) -> None:
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+        if not self._waiting_said and now - self._failing_since >= self.waiting_after:
+            self._waiting_said = True
+            self._sent_at_wait = self.stats.sent
+            log.warning("call history is waiting on the CRM (failing for %.0f s): %d call(s) wait in the outbox, "
+                        "kept until it accepts them", now - self._failing_since, self.outbox.levels()[0])
+
+    def _note_success(self) -> None:
+        self._failing_since = None
+        self._last_failure = ""
+        if self._waiting_said and self.outbox.levels()[0] == 0:
+            self._waiting_said = False
+            log.info("call history drained: the CRM took the %d call(s) that waited for it",
+                     self.stats.sent - self._sent_at_wait)
 
     def _confirmed(self, part: list[_Item], reply: dict[str, Any]) -> None:
         # Marked at once: a stop or a crash between the CRM's answer and the mark means a re-send.
@@ -356,6 +402,7 @@ class Uploader:
         if isinstance(processed, int) and processed + len(duplicates) != len(part):
             log.warning("retailCRM confirmed %d of %d call(s) (%d duplicate); counted all as delivered",
                         processed, len(part), len(duplicates))
+        self._note_success()
 
     def _quarantine(self, entries: Sequence[Entry], reason: str) -> None:
         self.outbox.quarantine([e.row for e in entries], reason)

@@ -2,7 +2,8 @@
 
 1. `FSBRIDGE_E2E_ESL=host:port` (and `FSBRIDGE_E2E_ESL_PASSWORD`, default ClueCon): a FreeSWITCH
    you already run with tests/e2e/freeswitch/ as its conf and vars.xml's default ports.
-   Recordings are checked only if `FSBRIDGE_E2E_RECORDINGS` names its recordings directory;
+   Recordings are checked only if `FSBRIDGE_E2E_RECORDINGS` names its recordings directory, the
+   recovery from CDRs only if `FSBRIDGE_E2E_CDR_DIR` names its mod_json_cdr log-dir;
    the restart scenario is skipped (the suite cannot restart someone else's FreeSWITCH).
 2. `FSBRIDGE_E2E_FREESWITCH=/path/to/bin/freeswitch`, or a `freeswitch` on PATH when no Docker
    engine answers: the suite starts it in a temp dir on free loopback ports and stops it after.
@@ -76,6 +77,8 @@ class FreeSwitch:
     restart_hint: str = ""
     # DID_ROUTED goes through the shipped fsbridge_inbound.xml and fsbridge_route.lua (harness.routed_dialplan)
     routed_did: bool = False
+    # mod_json_cdr's log-dir as this machine sees it (vars.xml's e2e_cdr_dir); None: not readable here
+    cdr_dir: Path | None = None
 
     def api(self, command: str, timeout: float = 10.0) -> str:
         return admin_api(self.host, self.ports.esl, self.password, command, timeout)
@@ -135,7 +138,8 @@ class LocalFreeSwitch(FreeSwitch):
     @classmethod
     def create(cls, binary: str, base: Path) -> LocalFreeSwitch:
         fs = cls(kind=f"local {binary}", host="127.0.0.1", password="ClueCon", ports=pick_ports(),
-                 recordings=base / "recordings", can_restart=True, binary=binary, base=base)
+                 recordings=base / "recordings", can_restart=True, binary=binary, base=base,
+                 cdr_dir=base / "json_cdr")
         shutil.copytree(E2E_CONF, base / "conf")
         if SHIPPED_INBOUND.is_file() and (SHIPPED_SCRIPTS / "fsbridge_route.lua").is_file():
             # Installed as docs/deploy.md says: into the context the customers' calls arrive in.
@@ -162,7 +166,8 @@ class LocalFreeSwitch(FreeSwitch):
                 "-scripts", str(scripts)]
 
     def start(self) -> None:
-        env = {**os.environ, **self.ports.env(), "FSBRIDGE_E2E_ESL_PASSWORD": self.password}
+        env = {**os.environ, **self.ports.env(), "FSBRIDGE_E2E_ESL_PASSWORD": self.password,
+               "FSBRIDGE_E2E_CDR_DIR": str(self.cdr_dir)}
         self.starts += 1
         out = (self.base / "log" / f"stdout-{self.starts}.log").open("wb")
         self.proc = subprocess.Popen(self._argv(), cwd=self.base, env=env, stdin=subprocess.DEVNULL,
@@ -280,9 +285,11 @@ def freeswitch(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
         if not host or not port.isdigit():
             pytest.fail(f"FSBRIDGE_E2E_ESL must be host:port, got {detail!r}")
         recordings = os.environ.get("FSBRIDGE_E2E_RECORDINGS")
+        cdr_dir = os.environ.get("FSBRIDGE_E2E_CDR_DIR")
         fs = FreeSwitch(kind=f"external {detail}", host=host,
                         password=os.environ.get("FSBRIDGE_E2E_ESL_PASSWORD", "ClueCon"),
                         ports=Ports(esl=int(port)), recordings=Path(recordings) if recordings else None,
+                        cdr_dir=Path(cdr_dir) if cdr_dir else None,
                         restart_hint="the restart scenario needs a FreeSWITCH the suite started itself "
                                      "(FSBRIDGE_E2E_FREESWITCH or Docker), not FSBRIDGE_E2E_ESL")
         fs.wait_ready(timeout=10)

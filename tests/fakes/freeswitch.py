@@ -17,6 +17,12 @@ Everything runs on the gevent hub; tests/conftest.py monkey-patches, the standal
 Like FreeSWITCH: every `api`/`bgapi` fires an API event; a wrong `auth`, `exit` and an ACL
 rejection end with the "Disconnected, goodbye" notice; a listener's queue holds 100 000 events,
 overflow is dropped and 500 losses in a row kill the listener; replies overtake queued events.
+With `cdr_dir` set it also plays mod_json_cdr (file mode): when a channel's CHANNEL_HANGUP_COMPLETE is
+played, whether a client listens or not, `<uuid>.cdr.json` is written there in the shape of the real pair
+in tests/fixtures/json_cdr/, from what that event carries (variables, caller profile, times, the other
+leg) and the leg's CHANNEL_EXECUTE events (app_log). A call cut short by restart() leaves no document, as
+a crash of FreeSWITCH does. `uuid_dump <uuid> json` answers with the channel's data as its last played
+event carried it.
 Not like FreeSWITCH (nothing was captured to build them from): `event xml` is accepted but gets
 no events; `show` answers only `channels|calls as json`; `userauth`, `sendevent`, `myevents` are
 not implemented; as-fast-as-possible plays wait for a slow (not stalled) reader instead of
@@ -31,6 +37,7 @@ import datetime
 import heapq
 import itertools
 import json
+import os
 import re
 import socket
 import struct
@@ -40,6 +47,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import gevent
 import gevent.event
@@ -60,6 +68,7 @@ from tests.fakes.esl_captures import (
     gmt_date,
     json_escape,
     load_scenario,
+    plain_headers,
     scenario_names,
 )
 
@@ -516,6 +525,7 @@ class FreeSwitchSimulator:
         tz: datetime.tzinfo | None = None,
         heartbeat_interval: float | None = None,
         sndbuf: int | None = None,
+        cdr_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.password = password
         self.host = host
@@ -552,6 +562,14 @@ class FreeSwitchSimulator:
         self._order = itertools.count()
         self._greenlets: list[gevent.Greenlet] = []
         self.emitted = 0  # events rendered, all calls and formats
+        # mod_json_cdr: its log-dir, prefix-a-leg and encode-values settings; documents written so far.
+        self.cdr_dir = Path(cdr_dir) if cdr_dir is not None else None
+        self.cdr_prefix_a = False
+        self.cdr_encode_values = False
+        self.cdr_written: list[Path] = []
+        # Modules `module_exists` reports loaded: the lab PBX's (json_cdr is what wrote fixtures/json_cdr).
+        self.modules = {"mod_event_socket", "mod_sofia", "mod_commands", "mod_dptools", "mod_dialplan_xml",
+                        "mod_loopback", "mod_sndfile", "mod_json_cdr"}
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -878,6 +896,9 @@ class FreeSwitchSimulator:
         track.pos += 1
         if (track.fmt, ev.index) in call.skip:
             return
+        if track.primary and self.cdr_dir is not None and ev.name == "CHANNEL_HANGUP_COMPLETE":
+            # FreeSWITCH reports the channel (CS_REPORTING) whether anyone listens to its events or not.
+            self._write_cdr(track, ev)
         fresh = call.fresh_map
         targets = [c for c in self._event_conns if c.format == track.fmt and c.wants(ev, fresh)]
         if not targets:
@@ -906,6 +927,90 @@ class FreeSwitchSimulator:
         body = text.encode()
         self.emitted += 1
         return b"Content-Length: %d\nContent-Type: text/event-%s\n\n%s" % (len(body), fmt.encode(), body)
+
+    # -- mod_json_cdr and uuid_dump -----------------------------------------------------------
+
+    def _headers_of(self, track: _Track, ev: EventTemplate) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        for name, value in plain_headers(ev.template.render(track.vals)):
+            headers.setdefault(name, value)  # FreeSWITCH's lookup returns the first
+        return headers
+
+    def _write_cdr(self, track: _Track, ev: EventTemplate) -> Path:
+        """mod_json_cdr's my_on_reporting(): the leg's document, built from its HANGUP_COMPLETE."""
+        h = self._headers_of(track, ev)
+        apps = []
+        for earlier in track.cap.events[: ev.index]:
+            if earlier.name == "CHANNEL_EXECUTE" and earlier.unique_role == ev.unique_role:
+                eh = self._headers_of(track, earlier)
+                apps.append({"app_name": eh.get("Application", ""), "app_data": eh.get("Application-Data", ""),
+                             "app_stamp": eh.get("Event-Date-Timestamp", "")})
+        encode = fs_url_encode if self.cdr_encode_values else (lambda v: v)
+        variables = {k[9:]: encode(v) for k, v in h.items() if k.startswith("variable_") and v}
+
+        def profile(prefix: str) -> dict[str, object]:
+            return {"username": h.get(f"{prefix}Username", ""), "dialplan": h.get(f"{prefix}Dialplan", ""),
+                    "caller_id_name": h.get(f"{prefix}Caller-ID-Name", ""), "ani": h.get(f"{prefix}ANI", ""),
+                    "aniii": "", "caller_id_number": h.get(f"{prefix}Caller-ID-Number", ""),
+                    "network_addr": h.get(f"{prefix}Network-Addr", ""), "rdnis": h.get(f"{prefix}RDNIS", ""),
+                    "destination_number": h.get(f"{prefix}Destination-Number", ""),
+                    "uuid": h.get(f"{prefix}Unique-ID", ""), "source": h.get(f"{prefix}Source", ""),
+                    "context": h.get(f"{prefix}Context", ""), "chan_name": h.get(f"{prefix}Channel-Name", "")}
+
+        main = profile("Caller-")
+        other = h.get("Other-Type")
+        if other in ("originator", "originatee") and h.get("Other-Leg-Unique-ID"):
+            main[other] = {f"{other}_caller_profiles": [profile("Other-Leg-")]}
+        times = {key: h.get(f"Caller-{name}", "0") for key, name in (
+            ("created_time", "Channel-Created-Time"), ("profile_created_time", "Profile-Created-Time"),
+            ("progress_time", "Channel-Progress-Time"), ("progress_media_time", "Channel-Progress-Media-Time"),
+            ("answered_time", "Channel-Answered-Time"), ("bridged_time", "Channel-Bridged-Time"),
+            ("last_hold_time", "Channel-Last-Hold"), ("hold_accum_time", "Channel-Hold-Accum"),
+            ("hangup_time", "Channel-Hangup-Time"), ("resurrect_time", "Channel-Resurrect-Time"),
+            ("transfer_time", "Channel-Transfer-Time"))}
+        doc: dict[str, object] = {
+            "core-uuid": h.get("Core-UUID", self.core_uuid), "switchname": h.get("FreeSWITCH-Switchname", ""),
+            "channel_data": {"state": "CS_REPORTING", "direction": h.get("Call-Direction", ""),
+                             "state_number": "11"},
+            "callStats": {}, "variables": variables,
+        }
+        if apps:
+            doc["app_log"] = {"applications": apps}
+        doc["callflow"] = [{"dialplan": h.get("Caller-Dialplan", ""),
+                            "profile_index": h.get("Caller-Profile-Index", "1"),
+                            "caller_profile": main, "times": times}]
+        uuid_ = h.get("Unique-ID", "")
+        # b-legs are those with an originator profile; only a-legs get the prefix (mod_json_cdr.c).
+        prefix = "a_" if self.cdr_prefix_a and other != "originator" else ""
+        assert self.cdr_dir is not None
+        path = self.cdr_dir / f"{prefix}{uuid_}.cdr.json"
+        # Written in place, the final newline last, as process_cdr() does.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            os.write(fd, _cjson(doc).encode() + b"\n")
+        finally:
+            os.close(fd)
+        self.cdr_written.append(path)
+        return path
+
+    def _uuid_dump(self, arg: str) -> str:
+        """`uuid_dump <uuid> json`: the channel's headers as its last played event carried them."""
+        target = arg.split(" ")[0] if arg else ""
+        for call in self._calls.values():
+            if target not in call.fresh:
+                continue
+            role = call.fresh.index(target)
+            cap = call.primary.cap
+            if role not in cap.live_at[call.state_pos]:
+                break
+            last = next((e for e in reversed(cap.events[: call.state_pos])
+                         if e.unique_role == role and "variable_uuid" in e.headers), None)
+            if last is None:
+                break
+            data = self._headers_of(call.primary, last)
+            data["Event-Name"] = "CHANNEL_DATA"
+            return _cjson(data)
+        return "-ERR No such channel!\n"
 
     # -- standalone events (API, BACKGROUND_JOB, HEARTBEAT) ------------------------------------
 
@@ -976,6 +1081,18 @@ class FreeSwitchSimulator:
         if down_for > 0 and self._server is not None:
             self._server.stop(timeout=0)
             gevent.sleep(down_for)
+            self._listen(self.port)
+
+    def refuse_connections(self) -> None:
+        """The event socket goes away (cut, and refused) while FreeSWITCH and its calls go on."""
+        if self._server is not None:
+            self._server.stop(timeout=0)
+            self._server = None
+        self.cut()
+
+    def accept_connections(self) -> None:
+        """The event socket is back, on the same port."""
+        if self._server is None:
             self._listen(self.port)
 
     def send_raw(self, data: bytes) -> None:
@@ -1163,6 +1280,10 @@ class FreeSwitchSimulator:
             return self._show(arg)
         if name == "uuid_exists":
             return "true" if arg and arg in self.live_channels else "false"
+        if name == "uuid_dump":
+            return self._uuid_dump(arg)
+        if name == "module_exists":
+            return "true" if arg in self.modules else "false"
         if name == "originate":
             return self._originate(arg, job_uuid=None).result
         return f"-ERR {name} Command not found!\n"
@@ -1263,6 +1384,49 @@ class FreeSwitchSimulator:
             else:
                 out[key] = UUID_RE.sub(lambda m: fresh.get(m.group(0), m.group(0)), str(value))
         return out
+
+
+# ---------------------------------------------------------------------------------------------
+# mod_json_cdr documents in bulk
+
+JSON_CDR_DIR = Path(__file__).resolve().parent.parent / "fixtures" / "json_cdr"
+_SAMPLE_A, _SAMPLE_B = "31ff8abf-a4ac-4f83-a050-5a0db45e0c55", "95bf58e2-2fa0-4370-8553-0d97a378255b"
+_SAMPLE_T0_S = 1795721858  # start_epoch of the real pair
+_EPOCH_RE = re.compile(rb"\b(\d{10})(\d{6})?\b")
+
+
+def write_cdr_pairs(dest: Path, starts_us: Iterable[int], *, encode_values: bool = False) -> list[tuple[str, str]]:
+    """Copies of the real answered call's two documents (tests/fixtures/json_cdr/), one pair per start time:
+    fresh uuids, every epoch shifted so the call starts then; files get that call's end as mtime.
+    Returns (a-leg, b-leg) uuids. As fast as a day's worth needs (a copy is a few substitutions)."""
+    texts = {leg: json.dumps(json.loads((JSON_CDR_DIR / f"{leg}.cdr.json").read_text()), separators=(",", ":"))
+             for leg in (_SAMPLE_A, _SAMPLE_B)}
+    if encode_values:
+        for leg, text in texts.items():
+            doc = json.loads(text)
+            doc["variables"] = {k: fs_url_encode(v) for k, v in doc["variables"].items()}
+            texts[leg] = json.dumps(doc, separators=(",", ":"))
+    raw = {leg: text.encode() for leg, text in texts.items()}
+    made = []
+    for start_us in starts_us:
+        shift_s = start_us // 1_000_000 - _SAMPLE_T0_S
+
+        def shifted(m: re.Match[bytes], shift_s: int = shift_s) -> bytes:
+            secs = int(m[1])
+            if abs(secs - _SAMPLE_T0_S) > 3600:
+                return m[0]   # not one of the call's times (a counter, an SSRC)
+            return str(secs + shift_s).encode() + (m[2] or b"")
+
+        a, b = str(uuid.uuid4()), str(uuid.uuid4())
+        for leg in (_SAMPLE_A, _SAMPLE_B):
+            body = _EPOCH_RE.sub(shifted, raw[leg]).replace(_SAMPLE_A.encode(), a.encode()).replace(
+                _SAMPLE_B.encode(), b.encode())
+            path = dest / f"{a if leg == _SAMPLE_A else b}.cdr.json"
+            path.write_bytes(body + b"\n")
+            end_s = start_us / 1_000_000 + 9
+            os.utime(path, (end_s, end_s))
+        made.append((a, b))
+    return made
 
 
 # ---------------------------------------------------------------------------------------------
