@@ -141,6 +141,15 @@ def test_tenant_file_gets_provider_defaults_and_its_own_overrides(tmp_path, crms
     assert beta.cfg.freeswitch == top.freeswitch and beta.cfg.integration.public_url == "https://pbx.example.com"
 
 
+def test_the_example_tenant_file_is_valid(tmp_path) -> None:
+    example = pathlib.Path(__file__).parent.parent / "conf" / "tenants.d" / "example.yaml"
+    d = tmp_path / "tenants.d"
+    d.mkdir()
+    (d / "example.yaml").write_bytes(example.read_bytes())
+    loaded = load_all(config.from_mapping(provider_raw(d), env={}))
+    assert loaded.errors == {} and loaded.tenants["example"].domains == ("example.pbx.provider.com",)
+
+
 @pytest.mark.parametrize(("content", "key"), [
     ('domains: [acme.pbx.example.com]\ncrm: {url: "http://127.0.0.1:9", timezone: UTC}\n'
      'integration: {client_id: "acme-client-id-0123456789abcdef"}\nmanagers: {"100": 1}\n', "crm.api_key: missing"),
