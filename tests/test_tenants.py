@@ -486,3 +486,27 @@ def test_record_links_resolve_in_fusionpbx_layout_to_that_tenants_calls_only(tmp
         assert bridge.links.path(ids["acme"]).count("/") == 3
     finally:
         bridge.stop()
+
+
+def test_calls_recovered_from_cdr_documents_get_their_tenant(tenants_dir, fixtures_dir, tmp_path) -> None:
+    from fsbridge.calls.cdr_spool import parse_document, replay
+
+    cfg = config.from_mapping(provider_raw(tenants_dir), env={})
+    attribution = Attribution(load_all(cfg).tenants.values(), cfg.trunks)
+    docs = sorted((fixtures_dir / "json_cdr").iterdir())
+
+    def tenant_of(rewrite: dict[str, str]) -> list[str]:
+        legs = []
+        for path in docs:
+            text = path.read_text()
+            for old, new in rewrite.items():
+                text = text.replace(old, new)
+            legs.append(parse_document(text, path.name, None))
+        return [call.tenant for call in replay(legs, attribution)]
+
+    assert tenant_of({}) == ["acme"]                                    # acme's DID
+    assert tenant_of({'"74999999999"': '"74950000001"'}) == ["beta"]    # beta's DID
+    # The legs' domain (variables.domain_name, as FusionPBX sets it) decides before the DID.
+    assert tenant_of({'"sip_from_host":"127.0.0.1"':
+                      f'"sip_from_host":"127.0.0.1","domain_name":"{DOMAINS["beta"]}"'}) == ["beta"]
+    assert tenant_of({'"74999999999"': '"74000000000"'}) == []          # nobody's DID: nobody's call
