@@ -26,7 +26,7 @@ from fsbridge.config import ConfigError
 from fsbridge.service import Bridge
 from fsbridge.tenants.attribution import Attribution
 from fsbridge.tenants.settings import load_all
-from tests.conftest import base_url, internal_url, settings
+from tests.conftest import base_url, internal_url, run_bridge, settings
 from tests.fakes.retailcrm import FakeRetailCRM
 from tests.waiting import until
 
@@ -90,12 +90,7 @@ def provider(simulator, tenants_dir):
     started: list[Bridge] = []
 
     def start() -> Bridge:
-        bridge = Bridge(config.from_mapping(provider_raw(tenants_dir, simulator.port), env={}))
-        bridge.start()
-        started.append(bridge)
-        until(lambda: bridge.listener.connected, what="fsbridge to connect")
-        simulator.wait_for_subscriber()
-        return bridge
+        return run_bridge(config.from_mapping(provider_raw(tenants_dir, simulator.port), env={}), simulator, started)
 
     yield start
     for bridge in started:

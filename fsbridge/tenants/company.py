@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import gevent
+
 from fsbridge import history
 from fsbridge.calls.model import FinishedCall
 from fsbridge.calls.tracker import CallTracker
@@ -151,7 +153,10 @@ class Company:
     def stop(self, timeout: float) -> None:
         """Cards get half of `timeout`, the history the rest; what is not sent stays in the outbox."""
         deadline = time.monotonic() + timeout
-        self.cards.stop(timeout / 2)
+        try:
+            self.cards.stop(timeout / 2)
+        except gevent.Timeout:
+            log.warning("tenant %s: call-event workers did not stop in time", self.tenant.label)
         self.history.stop(max(0.5, deadline - time.monotonic()))
         self.crm.close()
 

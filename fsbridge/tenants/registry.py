@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 
 import gevent
 
+from fsbridge import logs
 from fsbridge.calls.legs import Directory
 from fsbridge.calls.model import CallEvent, FinishedCall
 from fsbridge.calls.tracker import CallTracker
@@ -181,6 +182,7 @@ class Companies:
             if current is not None and current.tenant is tenant:
                 by_name[name] = current
                 continue
+            logs.add_secrets((tenant.cfg.crm.api_key, tenant.cfg.integration.client_id))
             company = self._company(tenant)
             if self.started:
                 company.start()
@@ -197,9 +199,16 @@ class Companies:
         if self._tracker is not None:
             self._tracker.directory = self.directory
         self._index()
-        for company in retired:
-            gevent.spawn(company.stop, 5.0)   # its cards in flight and its history batches finish meanwhile
+        if retired:
+            # One after the other, in the background: their cards in flight and history batches finish
+            # meanwhile, and a thousand retired companies do not all wake at once.
+            gevent.spawn(_retire, retired)
         return dict(loaded.errors)
+
+
+def _retire(companies: list[Company]) -> None:
+    for company in companies:
+        company.stop(5.0)
 
 
 class ByClientId:

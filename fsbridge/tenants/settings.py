@@ -103,6 +103,12 @@ def _domains(value: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
+def _only(raw: Mapping[str, Any], allowed: frozenset[str], prefix: str, why: str) -> None:
+    for key in raw:
+        if key not in allowed:
+            raise ConfigError(f"{prefix}{key}: {why} {', '.join(sorted(allowed))})")
+
+
 def _checked(where: str, key: str, check: Any, value: Any) -> Any:
     try:
         return check(value)
@@ -117,18 +123,13 @@ def parse(name: str, raw: Any, top: Config, *, where: str, fingerprint: str = ""
                           "digits and '-'")
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where}: expected a YAML mapping at the top level")
-    for key in raw:
-        if key not in _TOP_KEYS:
-            raise ConfigError(f"{where}: {key}: not a tenant setting (the provider's settings stay in the main "
-                              f"config; a tenant file has {', '.join(sorted(_TOP_KEYS))})")
+    _only(raw, _TOP_KEYS, f"{where}: ", "not a tenant setting (the provider's settings stay in the main config; "
+          "a tenant file has")
     for section, (_cls, allowed) in _OVERRIDES.items():
         given = raw.get(section) or {}
         if not isinstance(given, Mapping):
             raise ConfigError(f"{where}: {section}: expected a mapping of settings")
-        for key in given:
-            if key not in allowed:
-                raise ConfigError(f"{where}: {section}.{key}: not a per-tenant setting (allowed: "
-                                  f"{', '.join(sorted(allowed))})")
+        _only(given, allowed, f"{where}: {section}.", "not a per-tenant setting (allowed:")
     domains = _checked(where, "domains", _domains, raw.get("domains"))
     managers = _checked(where, "managers", _managers, raw.get("managers"))
     phones = _checked(where, "external_phones", _phones, raw.get("external_phones"))
@@ -166,19 +167,27 @@ def _cross_check(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: external_phones: {sorted(overlap)[0]} is also a manager extension")
 
 
-def read_file(path: Path, top: Config) -> Tenant:
+# libyaml's parser when PyYAML has it: a reload of a thousand files parses them all while events wait.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def read_file(path: Path, top: Config, keep: Tenant | None = None) -> Tenant:
+    """The tenant of `path`; `keep` itself when the file has not changed since it was read."""
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read it: {exc.strerror}") from None
+    fingerprint = hashlib.sha256(data).hexdigest()
+    if keep is not None and keep.fingerprint == fingerprint:
+        return keep
     try:
-        raw = yaml.safe_load(data.decode("utf-8"))
+        raw = yaml.load(data.decode("utf-8"), Loader=_LOADER)
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise ConfigError(f"{path}: not valid YAML{f' at line {mark.line + 1}' if mark else ''}") from None
-    tenant = parse(path.stem, raw, top, where=str(path), fingerprint=hashlib.sha256(data).hexdigest())
+    tenant = parse(path.stem, raw, top, where=str(path), fingerprint=fingerprint)
     return dataclasses.replace(tenant, path=path)
 
 
@@ -213,14 +222,13 @@ def load_all(top: Config, keep: Mapping[str, Tenant] | None = None) -> Loaded:
     errors: dict[str, str] = {}
     for path in tenant_files(top.tenants_dir):
         try:
-            tenant = read_file(path, top)
+            tenant = read_file(path, top, keep.get(path.stem))
         except ConfigError as exc:
             errors[path.stem] = str(exc)
             if path.stem in keep:
                 candidates[path.stem] = keep[path.stem]
             continue
-        old = keep.get(tenant.name)
-        candidates[tenant.name] = old if old is not None and old.fingerprint == tenant.fingerprint else tenant
+        candidates[tenant.name] = tenant
     unchanged = [t for t in candidates.values() if keep.get(t.name) is t]
     changed = [t for t in candidates.values() if keep.get(t.name) is not t]
     accepted: dict[str, Tenant] = {}
