@@ -445,7 +445,7 @@ def test_standalone() -> None:
         port = probe.getsockname()[1]
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.fakes.retailcrm", "--port", str(port), "--api-key", "demo-key",
-         "--manager", "+79121234567=100"],
+         "--manager", "+79121234567=100", "--log-requests"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     try:
@@ -462,4 +462,9 @@ def test_standalone() -> None:
         assert resp.json()["manager"]["code"] == "100"
     finally:
         proc.terminate()
-        proc.wait(5)
+        out, _ = proc.communicate(timeout=5)
+    # --log-requests: what reached it, one line a request, without the API key.
+    lines = out.decode().splitlines()
+    assert lines[0] == f"fake retailCRM listening on {url}"
+    assert f"GET {MANAGER} -> 200 phone=+79121234567" in lines[1:]
+    assert "demo-key" not in out.decode()

@@ -1,16 +1,33 @@
-"""A real FreeSWITCH for the e2e suite, found in one of three ways, in this order:
+"""A real FreeSWITCH for the e2e suite, found in one of three ways, in this order. All three need SIPp
+(`sipp`, Debian's sip-tester); without it, or without any of them, every e2e test is skipped with one reason.
 
-1. `FSBRIDGE_E2E_ESL=host:port` (and `FSBRIDGE_E2E_ESL_PASSWORD`, default ClueCon): a FreeSWITCH
-   you already run with tests/e2e/freeswitch/ as its conf and vars.xml's default ports.
-   Recordings are checked only if `FSBRIDGE_E2E_RECORDINGS` names its recordings directory, the
-   recovery from CDRs only if `FSBRIDGE_E2E_CDR_DIR` names its mod_json_cdr log-dir;
-   the restart scenario is skipped (the suite cannot restart someone else's FreeSWITCH).
-2. `FSBRIDGE_E2E_FREESWITCH=/path/to/bin/freeswitch`, or a `freeswitch` on PATH when no Docker
-   engine answers: the suite starts it in a temp dir on free loopback ports and stops it after.
-3. A Docker engine (`docker info` succeeds): pytest-docker brings up the `freeswitch` service of
-   docker/compose.yaml with tests/e2e/compose.e2e.yaml on top (host network, this conf).
+1. A FreeSWITCH you run yourself: `FSBRIDGE_E2E_ESL=host:port` (and `FSBRIDGE_E2E_ESL_PASSWORD`, default
+   ClueCon), with tests/e2e/freeswitch/ as its conf, on vars.xml's default ports (event socket 18021,
+   SIP 15060, the SIPp phones on 15090-15092, RTP 26000-26999). Started from the checkout with:
 
-With none of them, or without SIPp (`sipp`), every e2e test is skipped with one reason.
+       mkdir -p /tmp/fs-e2e/log /tmp/fs-e2e/db /tmp/fs-e2e/run /tmp/fs-e2e/recordings
+       freeswitch -nonat -nf -nc -conf "$PWD/tests/e2e/freeswitch" -log /tmp/fs-e2e/log \
+           -db /tmp/fs-e2e/db -run /tmp/fs-e2e/run -recordings /tmp/fs-e2e/recordings \
+           -scripts "$PWD/conf/freeswitch/scripts"
+       FSBRIDGE_E2E_ESL=127.0.0.1:18021 FSBRIDGE_E2E_RECORDINGS=/tmp/fs-e2e/recordings \
+           python -m pytest -q tests/e2e
+
+   (-nf -nc: in the foreground, without a console; -conf needs -log and -db beside it.) Covers every
+   scenario but the Lua routing ones (its dialplan/public/ is empty: the suite cannot install the routed
+   DID in someone else's conf) and the restart ones (it cannot restart someone else's FreeSWITCH);
+   recordings are checked only with `FSBRIDGE_E2E_RECORDINGS` naming its recordings directory, and the
+   recovery from CDRs only with `FSBRIDGE_E2E_CDR_DIR` naming its mod_json_cdr log-dir.
+2. A FreeSWITCH binary the suite starts itself: `FSBRIDGE_E2E_FREESWITCH=/path/to/bin/freeswitch`, or a
+   `freeswitch` on PATH when no Docker engine answers. It runs in a temp dir on free loopback ports with
+   the routed DID installed (conf/freeswitch/dialplan/fsbridge_inbound.xml, harness.routed_dialplan) and
+   conf/freeswitch/scripts/ as -scripts, and is stopped after: every scenario runs.
+3. Docker: a Docker engine answers (`docker info`) and Compose is installed (`docker compose`, else
+   Debian's `docker-compose`). pytest-docker starts tests/e2e/compose.e2e.yaml's `freeswitch` (the image
+   of docker/compose.yaml, host network, vars.xml's default ports) with a copy of this conf that has the
+   routed DID installed, conf/freeswitch/scripts/ as its scripts directory and the recordings in a
+   temp dir of the host; it is removed after (`down -v`). Every scenario runs, the restarts through
+   Compose (`kill -s SIGKILL` / `restart`); the Lua routing ones need curl in the image and are skipped
+   without it (a warning in the log says why). Just `python -m pytest -q tests/e2e` with no FSBRIDGE_E2E_* set.
 """
 
 from __future__ import annotations
@@ -52,11 +69,11 @@ from tests.waiting import until
 
 log = logging.getLogger("tests.e2e")
 
-COMPOSE_FILES = [ROOT / "docker" / "compose.yaml", ROOT / "tests" / "e2e" / "compose.e2e.yaml"]
+COMPOSE_FILE = ROOT / "tests" / "e2e" / "compose.e2e.yaml"
 HOW_TO_ENABLE = (
     "no FreeSWITCH for the e2e tests: set FSBRIDGE_E2E_FREESWITCH=/path/to/bin/freeswitch (the suite "
     "starts it), or FSBRIDGE_E2E_ESL=host:port of a FreeSWITCH running tests/e2e/freeswitch/, "
-    "or run a Docker engine (docker/compose.yaml)"
+    "or run a Docker engine with Compose (tests/e2e/compose.e2e.yaml)"
 )
 READY_TIMEOUT = 90.0
 RECORD_SECRET = "e2e-record-secret-0123456789abcdef"
@@ -126,6 +143,18 @@ class FreeSwitch:
         pass
 
 
+def install_conf(dest: Path) -> bool:
+    """tests/e2e/freeswitch/ copied to `dest`, with the shipped inbound dialplan installed as docs/deploy.md
+    says (into the context the customers' calls arrive in) when it is there; whether it was."""
+    shutil.copytree(E2E_CONF, dest)
+    if not (SHIPPED_INBOUND.is_file() and (SHIPPED_SCRIPTS / "fsbridge_route.lua").is_file()):
+        return False
+    public = dest / "dialplan" / "public"
+    public.mkdir(exist_ok=True)
+    (public / "00_fsbridge_inbound.xml").write_text(routed_dialplan(SHIPPED_INBOUND.read_text("utf-8")))
+    return True
+
+
 @dataclass
 class LocalFreeSwitch(FreeSwitch):
     """A FreeSWITCH binary started by the suite in a temp dir, with tests/e2e/freeswitch/ as conf."""
@@ -140,13 +169,7 @@ class LocalFreeSwitch(FreeSwitch):
         fs = cls(kind=f"local {binary}", host="127.0.0.1", password="ClueCon", ports=pick_ports(),
                  recordings=base / "recordings", can_restart=True, binary=binary, base=base,
                  cdr_dir=base / "json_cdr")
-        shutil.copytree(E2E_CONF, base / "conf")
-        if SHIPPED_INBOUND.is_file() and (SHIPPED_SCRIPTS / "fsbridge_route.lua").is_file():
-            # Installed as docs/deploy.md says: into the context the customers' calls arrive in.
-            public = base / "conf" / "dialplan" / "public"
-            public.mkdir(exist_ok=True)
-            (public / "00_fsbridge_inbound.xml").write_text(routed_dialplan(SHIPPED_INBOUND.read_text("utf-8")))
-            fs.routed_did = True
+        fs.routed_did = install_conf(base / "conf")
         for name in ("log", "db", "run", "storage", "recordings", "temp", "cache", "sounds", "certs"):
             (base / name).mkdir(parents=True, exist_ok=True)
         return fs
@@ -225,21 +248,48 @@ class DockerFreeSwitch(FreeSwitch):
             self.compose.execute("restart freeswitch")
         self.wait_ready()
 
-    def log_tail(self, lines: int = 80) -> str:
+    def has_http_client(self) -> bool:
+        """fsbridge_route.lua asks fsbridge over LuaSocket or curl: without either in the image, every routed
+        call would go to the fallback (the routing tests are then skipped, and the log says why)."""
         try:
-            return self.compose.execute(f"logs --tail {lines} freeswitch").decode("utf-8", "replace")
-        except Exception as exc:  # a failing `docker compose logs` must not hide the test's own failure
-            return f"(no logs: {exc})"
+            self.compose.execute("exec -T freeswitch sh -c 'command -v curl'")
+            return True
+        except Exception as exc:  # pytest-docker raises its own error for a non-zero exit
+            log.warning("no curl in the FreeSWITCH image (%s): the routed DID's tests are skipped", exc)
+            return False
+
+    def log_tail(self, lines: int = 80) -> str:
+        # mod_logfile's file (-log /tmp in compose.e2e.yaml), as for a local FreeSWITCH: the container's own
+        # output has only what FreeSWITCH printed before its loggers started.
+        why = ""
+        for command in (f"exec -T freeswitch tail -n {lines} /tmp/freeswitch.log", f"logs --tail {lines} freeswitch"):
+            try:
+                return self.compose.execute(command).decode("utf-8", "replace")
+            except Exception as exc:  # a failing `docker compose` must not hide the test's own failure
+                why = str(exc)
+        return f"(no logs: {why})"
+
+
+def _succeeds(argv: list[str]) -> bool:
+    if not shutil.which(argv[0]):
+        return False
+    try:
+        return subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 
 
 def _docker_answers() -> bool:
-    if not shutil.which("docker"):
-        return False
-    try:
-        return subprocess.run(["docker", "info"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              timeout=20).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
+    return _succeeds(["docker", "info"])
+
+
+def compose_command() -> str:
+    """Compose v2 (the docker CLI plugin) where it is installed, else v1 (Debian's docker-compose), else ""."""
+    if _succeeds(["docker", "compose", "version"]):
+        return "docker compose"
+    if _succeeds(["docker-compose", "version"]):
+        return "docker-compose"
+    return ""
 
 
 def choose_backend() -> tuple[str, str]:
@@ -255,7 +305,9 @@ def choose_backend() -> tuple[str, str]:
             return "", f"FSBRIDGE_E2E_FREESWITCH={binary} is not an executable file"
         return "local", binary
     if _docker_answers():
-        return "docker", "docker/compose.yaml"
+        if compose_command():
+            return "docker", str(COMPOSE_FILE.relative_to(ROOT))
+        log.warning("a Docker engine answers, but neither `docker compose` nor `docker-compose` is installed")
     found = shutil.which("freeswitch")
     if found:
         return "local", found
@@ -263,14 +315,20 @@ def choose_backend() -> tuple[str, str]:
 
 
 @pytest.fixture(scope="session")
-def docker_compose_file() -> list[str]:
-    return [str(p) for p in COMPOSE_FILES]
+def docker_compose_command() -> str:
+    return compose_command() or "docker compose"
+
+
+@pytest.fixture(scope="session")
+def docker_compose_file() -> str:
+    return str(COMPOSE_FILE)
 
 
 @pytest.fixture(scope="session")
 def docker_setup() -> list[str]:
-    # Only FreeSWITCH: the suite runs fsbridge, the fake CRM and SIPp itself.
-    return ["up --build --wait freeswitch"]
+    # Only FreeSWITCH: the suite runs fsbridge, the fake CRM and SIPp itself. No --wait (Compose v1 has
+    # none): the fixture waits for the event socket and the SIP profile itself.
+    return ["up -d freeswitch"]
 
 
 @pytest.fixture(scope="session")
@@ -300,15 +358,25 @@ def freeswitch(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
         from pytest_docker.plugin import DockerComposeExecutor
 
         recordings = tmp_path_factory.mktemp("recordings")
-        recordings.chmod(0o777)  # FreeSWITCH in the container runs as its own user
+        recordings.chmod(0o777)  # FreeSWITCH in the container may run as a user of its own
+        # The conf the container mounts: ours, with the routed DID installed as for a local FreeSWITCH.
+        conf = tmp_path_factory.mktemp("freeswitch") / "conf"
+        routed = install_conf(conf)
+        for path in (conf, *conf.rglob("*")):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        cdr_dir = tmp_path_factory.mktemp("json_cdr")
+        cdr_dir.chmod(0o777)
         os.environ["FSBRIDGE_E2E_RECORDINGS"] = str(recordings)
+        os.environ["FSBRIDGE_E2E_CDR_DIR"] = str(cdr_dir)   # vars.xml's e2e_cdr_dir, in the container too
+        os.environ["FSBRIDGE_E2E_CONF"] = str(conf)
         request.getfixturevalue("docker_services")
         compose = DockerComposeExecutor(request.getfixturevalue("docker_compose_command"),
                                         request.getfixturevalue("docker_compose_file"),
                                         request.getfixturevalue("docker_compose_project_name"))
         fs = DockerFreeSwitch(kind="docker", host="127.0.0.1", password="ClueCon", ports=Ports(),
-                              recordings=recordings, can_restart=True, compose=compose)
+                              recordings=recordings, can_restart=True, compose=compose, cdr_dir=cdr_dir)
         fs.wait_ready()
+        fs.routed_did = routed and fs.has_http_client()
     version = fs.api("version").strip()
     log.info("e2e FreeSWITCH: %s, %s", fs.kind, version)
     yield fs

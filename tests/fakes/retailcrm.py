@@ -232,6 +232,7 @@ class FakeRetailCRM:
         self.calls: dict[str, dict[str, Any]] = {}
         self.uploads: list[Upload] = []
         self.requests: list[RecordedRequest] = []
+        self.on_request: Callable[[RecordedRequest], None] | None = None  # after each reply (the command line prints)
         self.rate_limited = 0
         self.managers_by_phone: dict[str, dict[str, Any] | None] = {}
         self.customers_by_phone: dict[str, dict[str, Any]] = {}
@@ -292,6 +293,8 @@ class FakeRetailCRM:
 
         reply = self._handle(environ, method, path, params, body, record)
         record.status = reply.status
+        if self.on_request is not None:
+            self.on_request(record)
         start_response(
             f"{reply.status} {_REASONS.get(reply.status, 'Status')}",
             [("Content-Type", reply.content_type), ("Content-Length", str(len(reply.body)))],
@@ -718,6 +721,13 @@ class FakeRetailCRM:
         })
 
 
+def _print_request(record: RecordedRequest) -> None:
+    """One line per request, so a demo shows what reached the CRM: the query and form without the secrets."""
+    fields = {k: v for k, v in {**record.params, **record.form}.items() if k not in ("apiKey", "clientId")}
+    text = " ".join(f"{k}={v}" for k, v in fields.items())
+    print(f"{record.method} {record.path} -> {record.status} {text[:2000]}".rstrip(), flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Strict fake retailCRM API for demos and tests.")
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 inside a container")
@@ -730,6 +740,8 @@ def main(argv: list[str] | None = None) -> None:
         "--manager", action="append", default=[], metavar="PHONE=CODE",
         help="route PHONE to the manager with extension CODE (repeatable)",
     )
+    parser.add_argument("--log-requests", action="store_true",
+                        help="print each request (query and form, without apiKey/clientId) and its status")
     args = parser.parse_args(argv)
     split = [s for s in args.codes.split(",") if s]
     fake = FakeRetailCRM(
@@ -742,6 +754,8 @@ def main(argv: list[str] | None = None) -> None:
             "id": index, "firstName": "Manager", "lastName": code, "email": f"m{index}@example.com",
             "code": code,
         }
+    if args.log_requests:
+        fake.on_request = _print_request
     fake.start()
     print(f"fake retailCRM listening on {fake.url}", flush=True)
     try:
