@@ -46,6 +46,38 @@ class OpenRecording:
     ext: str
 
 
+# A RIFF/WAVE header with its chunks before the data: FreeSWITCH (libsndfile) writes 44 bytes, a LIST or
+# fact chunk may add a few hundred. Past this the file is not one of FreeSWITCH's recordings.
+_WAV_HEAD_MAX = 4096
+_UNKNOWN_LENGTHS = (0, 0xFFFFFFFF)
+
+
+def wav_header_fix(fd: int, size: int) -> bytes:
+    """The repaired header of a WAV whose header claims no data, or b"" when it needs none.
+
+    FreeSWITCH writes a recording's lengths into its header when it closes the file: a recording cut short by
+    a FreeSWITCH crash (or still being written) says RIFF and data lengths of 0, and players then play
+    nothing. The answer is the same bytes with the lengths the file really has; the file is not touched
+    (fsbridge only reads recordings)."""
+    head = os.pread(fd, min(size, _WAV_HEAD_MAX), 0)
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return b""
+    pos = 12
+    while pos + 8 <= len(head):
+        chunk, length = head[pos:pos + 4], int.from_bytes(head[pos + 4:pos + 8], "little")
+        if chunk == b"data":
+            data_start = pos + 8
+            real = size - data_start
+            if length not in _UNKNOWN_LENGTHS and data_start + length <= size:
+                return b""   # a proper header (any bytes after the data are other chunks)
+            fixed = bytearray(head[:data_start])
+            fixed[4:8] = min(size - 8, 0xFFFFFFFF).to_bytes(4, "little")
+            fixed[pos + 4:pos + 8] = min(real, 0xFFFFFFFF).to_bytes(4, "little")
+            return bytes(fixed)
+        pos += 8 + length + (length & 1)   # chunks are padded to an even length
+    return b""
+
+
 def _encoder_argv(encoder: str, src: Path, dst: Path, bitrate_kbps: int) -> list[str] | None:
     """argv for the first usable encoder, or None. Paths are absolute, so neither can look like an option."""
     candidates = ("lame", "ffmpeg") if encoder == "auto" else (encoder,)

@@ -25,7 +25,7 @@ from typing import Literal
 
 from fsbridge.http.app import FileBody, Request, Response, Router
 from fsbridge.record_links import PATH_PREFIX, RecordLinks, parse_path, redact_path
-from fsbridge.recordings import OpenRecording, Recordings
+from fsbridge.recordings import OpenRecording, Recordings, wav_header_fix
 
 _NUM_RE = re.compile(r"[0-9]+")
 # int() refuses strings over 4300 digits, and any offset this large is past the end of any file anyway.
@@ -139,6 +139,8 @@ class RecordsHandler:
         if subdir is None:
             return Response.text(404, "not found")
         if self.accel_redirect_prefix is not None:
+            # nginx sends the file as it is: a WAV cut short by a FreeSWITCH crash keeps its header claiming
+            # no data here (fsbridge's own answers repair it, see wav_header_fix).
             found = self.recordings.find(ref.record_id, ref.ext, subdir)
             if found is None:
                 return Response.text(404, "not found")
@@ -178,6 +180,8 @@ class RecordsHandler:
                 "X-Content-Type-Options": "nosniff",
             }
             memo["whole"] = {**headers, "Content-Length": str(rec.size)}
+            # A recording cut short by a FreeSWITCH crash claims no data in its header: served repaired.
+            memo["head"] = wav_header_fix(rec.file.fileno(), rec.size) if rec.ext == "wav" else b""
         etag = headers["ETag"]
         hdrs = request.headers
 
@@ -205,12 +209,12 @@ class RecordsHandler:
                 "Content-Range": f"bytes */{size}", "Accept-Ranges": "bytes", "Cache-Control": "private",
             })
         if wanted is None:
-            return Response(200, dict(memo["whole"]), FileBody(rec.file, 0, size, self.chunk_size))
+            return Response(200, dict(memo["whole"]), FileBody(rec.file, 0, size, self.chunk_size, memo["head"]))
         first, last = wanted
         length = last - first + 1
         return Response(206, {**headers, "Content-Length": str(length),
                               "Content-Range": f"bytes {first}-{last}/{size}"},
-                        FileBody(rec.file, first, length, self.chunk_size))
+                        FileBody(rec.file, first, length, self.chunk_size, memo["head"]))
 
     @staticmethod
     def _if_range_holds(value: str, etag: str, rec: OpenRecording) -> bool:
