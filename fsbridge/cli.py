@@ -14,6 +14,8 @@ from typing import Any
 
 from fsbridge import __version__, logs
 from fsbridge.config import Config, ConfigError, load
+from fsbridge.tenants.cli import add_tenant_arguments, cmd_reload, cmd_tenants, per_tenant
+from fsbridge.tenants.cli import secrets as tenant_secrets
 
 log = logging.getLogger("fsbridge")
 
@@ -45,10 +47,12 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
         print(f"fsbridge: cannot start: {exc}", file=sys.stderr)
         return 1
     log.info("fsbridge %s running (FreeSWITCH %s:%s, CRM %s)", __version__, cfg.freeswitch.host,
-             cfg.freeswitch.port, cfg.crm.url)
+             cfg.freeswitch.port, cfg.crm.url or f"{len(bridge.companies)} tenant(s)")
     stopping = gevent.event.Event()
     gevent.signal_handler(signal.SIGTERM, stopping.set)
     gevent.signal_handler(signal.SIGINT, stopping.set)
+    # Tenant files added, changed or removed: applied without a restart (as `fsbridge reload` does).
+    gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(bridge.reload))
     stopping.wait()
     log.info("stopping")
     bridge.stop()
@@ -149,8 +153,9 @@ def _registration(action: str) -> Callable[[Config, argparse.Namespace], int]:
     return command
 
 
-cmd_register = _registration("register")
-cmd_info = _registration("info")
+cmd_register = per_tenant(_registration("register"))
+cmd_info = per_tenant(_registration("info"))
+cmd_check = per_tenant(cmd_check)
 
 
 def cmd_outbox(cfg: Config, args: argparse.Namespace) -> int:
@@ -165,6 +170,9 @@ COMMANDS: dict[str, tuple[str, Callable[[Config, argparse.Namespace], int]]] = {
     "info": ("show the integration module as retailCRM has it, and where it differs from the config", cmd_info),
     "outbox": ("show the call-history outbox and re-queue calls the CRM refused", cmd_outbox),
     "check": ("validate the config, log in to FreeSWITCH's event socket and check the CRM key", cmd_check),
+    "tenants": ("list the companies (tenants_dir) with their state: CRM, cards and history pending, last call",
+                cmd_tenants),
+    "reload": ("make the running fsbridge apply added, changed and removed tenant files (as SIGHUP)", cmd_reload),
 }
 
 
@@ -179,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="overrides log.level of the config")
         if name == "check":
             p.add_argument("--config-only", action="store_true", help="only validate the file (no network)")
+        if name in ("register", "info", "check"):
+            add_tenant_arguments(p)
         if name == "outbox":
             from fsbridge.history.outbox_cli import add_arguments
 
@@ -198,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fsbridge: config error: {exc}", file=sys.stderr)
         return 2
-    logs.setup(args.log_level or cfg.log.level, cfg.log.format, cfg.secrets)
+    logs.setup(args.log_level or cfg.log.level, cfg.log.format, cfg.secrets + tenant_secrets(cfg))
     return COMMANDS[args.command][1](cfg, args)
 
 

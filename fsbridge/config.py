@@ -409,13 +409,14 @@ class TrunkSettings:
 
 # What a dial-string template may contain besides its placeholders: an endpoint, a profile or
 # gateway name, a host. No spaces, commas, braces, pipes, quotes or '&' (freeswitch-notes.md).
-DIAL_TEMPLATE_RE = re.compile(r"(?:[A-Za-z0-9_./@:+-]|\{code\}|\{phone\}|\{gateway\})+")
+DIAL_TEMPLATE_RE = re.compile(r"(?:[A-Za-z0-9_./@:+-]|\{code\}|\{phone\}|\{gateway\}|\{domain\})+")
 
 
 def _template(value: Any) -> str:
     text = _nonempty(value)
     if not DIAL_TEMPLATE_RE.fullmatch(text):
-        raise ValueError("expected a dial string of letters, digits, '_./@:+-' and {code}, {phone}, {gateway}")
+        raise ValueError("expected a dial string of letters, digits, '_./@:+-' and {code}, {phone}, {gateway}, "
+                         "{domain}")
     return text
 
 
@@ -451,6 +452,10 @@ class Config:
     originate: OriginateSettings
     managers: dict = setting(_REQUIRED, "Manager extension -> retailCRM user id", _managers)
     external_phones: dict = setting({}, "External number (DID) -> shop (site) code", _phones)
+    tenants_dir: Path | None = setting(
+        None, "Virtual PBX: a directory of <tenant>.yaml files, one per customer company (its domains, CRM, "
+        "managers, DIDs; see fsbridge/tenants/settings.py); empty: this file describes the one company",
+        _optional_path)
 
     @property
     def manager_codes(self) -> frozenset[str]:
@@ -458,9 +463,10 @@ class Config:
 
     @property
     def secrets(self) -> list[str]:
-        """Every secret value, for the log filter that masks them."""
-        return [self.crm.api_key, self.integration.client_id, self.freeswitch.password,
-                self.records.link_secret, *self.records.previous_link_secrets]
+        """Every secret value, for the log filter that masks them (a tenant's own are added as loaded)."""
+        values = [self.crm.api_key, self.integration.client_id, self.freeswitch.password,
+                  self.records.link_secret, *self.records.previous_link_secrets]
+        return [v for v in values if v]
 
 
 _SECTIONS: dict[str, type] = {
@@ -478,7 +484,11 @@ _SECTIONS: dict[str, type] = {
 }
 
 
-def _apply(cls: type, raw: Any, prefix: str, env: Mapping[str, str]) -> Any:
+# With tenants_dir these describe each company in its own file, so the top level may leave them out.
+COMPANY_KEYS = frozenset({"crm.url", "crm.api_key", "crm.timezone", "integration.client_id", "managers"})
+
+
+def _apply(cls: type, raw: Any, prefix: str, env: Mapping[str, str], optional: frozenset[str] = frozenset()) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
@@ -497,7 +507,7 @@ def _apply(cls: type, raw: Any, prefix: str, env: Mapping[str, str]) -> Any:
             value = env[meta["env"]]
         elif name in raw and raw[name] is not None:
             value = raw[name]
-        elif meta["required"]:
+        elif meta["required"] and key not in optional:
             via = f" (or set {meta['env']})" if meta["env"] else ""
             raise ConfigError(f"{key}: missing; {meta['doc']}{via}")
         else:
@@ -518,18 +528,27 @@ def from_mapping(raw: Any, env: Mapping[str, str] | None = None) -> Config:
         raw = {}
     if not isinstance(raw, Mapping):
         raise ConfigError("config: expected a YAML mapping at the top level")
-    sections = {name: cls(**_apply(cls, raw.get(name), f"{name}.", env)) for name, cls in _SECTIONS.items()}
-    top = _apply(Config, raw, "", env)
+    optional = COMPANY_KEYS if raw.get("tenants_dir") else frozenset()
+    sections = {name: cls(**_apply(cls, raw.get(name), f"{name}.", env, optional))
+                for name, cls in _SECTIONS.items()}
+    top = _apply(Config, raw, "", env, optional)
     cfg = Config(**sections, **top)
     _cross_check(cfg)
     return cfg
 
 
 def _cross_check(cfg: Config) -> None:
+    if cfg.tenants_dir is not None and (cfg.managers or cfg.external_phones):
+        key = "managers" if cfg.managers else "external_phones"
+        raise ConfigError(f"{key}: with tenants_dir each company's {key} go in its own tenant file")
+    if cfg.managers is None:
+        return  # tenants_dir: the company settings are checked per tenant file
     if cfg.history.unassigned_code and cfg.history.unassigned_code not in cfg.managers:
         raise ConfigError("history.unassigned_code: expected one of the managers' extensions")
     if "{code}" not in cfg.originate.manager_dial:
         raise ConfigError("originate.manager_dial: expected {code} in it")
+    if "{domain}" in cfg.originate.manager_dial + cfg.originate.customer_dial:
+        raise ConfigError("originate: {domain} is a tenant's domain; expected it only in a tenant file")
     if "{phone}" not in cfg.originate.customer_dial:
         raise ConfigError("originate.customer_dial: expected {phone} in it")
     overlap = set(cfg.managers) & set(cfg.external_phones)

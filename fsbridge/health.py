@@ -56,7 +56,8 @@ class Health:
     def __init__(self, *, esl_connected: Callable[[], bool], last_event_age: Callable[[], float | None],
                  heartbeat_timeout: float, workers_alive: Callable[[], list[str]],
                  outbox_oldest_age: Callable[[], float | None] | None, outbox_max_age: float,
-                 crm: CrmReachability, crm_grace: float = 120.0) -> None:
+                 crm: CrmReachability, crm_grace: float = 120.0,
+                 extra: Callable[[], dict[str, Check]] | None = None) -> None:
         self.esl_connected = esl_connected
         self.last_event_age = last_event_age
         self.heartbeat_timeout = heartbeat_timeout
@@ -65,6 +66,7 @@ class Health:
         self.outbox_max_age = outbox_max_age
         self.crm = crm
         self.crm_grace = crm_grace
+        self.extra = extra   # more checks (the tenants' detail)
 
     def live(self) -> Report:
         dead = self.workers_alive()
@@ -91,4 +93,6 @@ class Health:
                                                 f"({self.crm.last_problem})")
         else:
             report.checks["crm"] = Check(True, "answering" if self.crm.last_answer else "no request yet")
+        if self.extra is not None:
+            report.checks.update(self.extra())
         return report

@@ -68,3 +68,11 @@ def setup(level: str = "info", fmt: str = "text", secrets: Iterable[str] = ()) -
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
     # urllib3 logs full URLs (the manager lookup's phone numbers) at DEBUG.
     logging.getLogger("urllib3").setLevel(logging.WARNING)
+
+
+def add_secrets(values: Iterable[str]) -> None:
+    """Mask these too from now on (a tenant file added by a reload brings its own API key and clientId)."""
+    for handler in logging.getLogger().handlers:
+        for f in handler.filters:
+            if isinstance(f, RedactSecrets):
+                f.secrets = sorted(set(f.secrets) | {s for s in values if s and len(s) >= 6}, key=len, reverse=True)

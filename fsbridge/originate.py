@@ -55,6 +55,7 @@ class DialPlan:
     ringing_wait: float = 5.0      # how long the HTTP request waits for the phone to start ringing
     dedupe_window: float = 5.0     # the same click again within this many seconds starts no second call
     record_dir: str = ""           # record the call to <record_dir>/<call id>.wav, like the inbound dialplan
+    domain: str = ""               # a tenant's FreeSWITCH domain, for {domain} in the dial strings
 
     def __post_init__(self) -> None:
         for name in ("manager_dial", "customer_dial"):
@@ -70,6 +71,10 @@ class DialPlan:
             raise ValueError("record_dir: an absolute path of letters, digits and '_./-'")
         if "{gateway}" in self.customer_dial + self.manager_dial and not self.gateway:
             raise ValueError("gateway: missing; the dial-string templates use {gateway}")
+        if self.domain and not re.fullmatch(r"[a-z0-9][a-z0-9.-]{0,252}", self.domain):
+            raise ValueError("domain: a FreeSWITCH domain name (letters, digits, '.-')")
+        if "{domain}" in self.customer_dial + self.manager_dial and not self.domain:
+            raise ValueError("manager_dial: {domain} needs a tenant with a domain")
 
 
 @dataclass(frozen=True)
@@ -102,7 +107,7 @@ def validate_click(code: str | None, phone: str | None, external_phone: str | No
 def originate_command(click: Click, plan: DialPlan, call_uuid: str) -> str:
     """`originate` arguments; every interpolated value has passed an allow-list."""
     assert UUID_RE.fullmatch(call_uuid)
-    fill = {"code": click.code, "phone": click.phone, "gateway": plan.gateway}
+    fill = {"code": click.code, "phone": click.phone, "gateway": plan.gateway, "domain": plan.domain}
     manager = plan.manager_dial.format(**fill)
     customer = plan.customer_dial.format(**fill)
     # The manager's phone shows whom they are about to call.
@@ -122,24 +127,19 @@ def originate_command(click: Click, plan: DialPlan, call_uuid: str) -> str:
     return f"originate {{{','.join(manager_vars)}}}{manager} &bridge({{{','.join(customer_vars)}}}{customer})"
 
 
-class Originator:
-    """Starts clicks through the live event socket and watches their first leg ring."""
+class ClickWatch:
+    """The first legs of clicks in progress, waiting for a ring; one for every tenant's Originator, so the
+    reading path makes one dict lookup per event however many companies click."""
 
-    def __init__(self, listener: EventListener, tracker: CallTracker, plan: DialPlan) -> None:
-        self.listener = listener
-        self.tracker = tracker
-        self.plan = plan
-        self.started = 0
-        self.failed = 0
-        self._watch: dict[str, gevent.event.AsyncResult] = {}
-        self._recent: dict[tuple[str, str], tuple[float, gevent.event.AsyncResult]] = {}
+    def __init__(self) -> None:
+        self.waiting: dict[str, gevent.event.AsyncResult] = {}
 
     def on_event(self, ev: Event) -> None:
         """Called for every event on the reading path: a dict lookup when nobody waits."""
-        if not self._watch:
+        if not self.waiting:
             return
         uuid = ev.get("Unique-ID")
-        waiter = self._watch.get(uuid) if uuid else None
+        waiter = self.waiting.get(uuid) if uuid else None
         if waiter is None:
             return
         name = ev.get("Event-Name")
@@ -149,6 +149,25 @@ class Originator:
             waiter.set(None)
         elif name in ("CHANNEL_HANGUP_COMPLETE", "CHANNEL_DESTROY"):
             waiter.set(ev.get("Hangup-Cause") or "the call ended")
+
+
+class Originator:
+    """Starts clicks through the live event socket and watches their first leg ring."""
+
+    def __init__(self, listener: EventListener, tracker: CallTracker, plan: DialPlan,
+                 watch: ClickWatch | None = None, tenant: str = "") -> None:
+        self.listener = listener
+        self.tracker = tracker
+        self.plan = plan
+        self.tenant = tenant
+        self.started = 0
+        self.failed = 0
+        self.watch = watch or ClickWatch()
+        self._watch = self.watch.waiting
+        self._recent: dict[tuple[str, str], tuple[float, gevent.event.AsyncResult]] = {}
+
+    def on_event(self, ev: Event) -> None:
+        self.watch.on_event(ev)
 
     def click(self, click: Click) -> str:
         """Start (or join) the call; returns its id once the manager's phone rings."""
@@ -178,7 +197,7 @@ class Originator:
         ringing = gevent.event.AsyncResult()
         self._watch[call_uuid] = ringing
         self.tracker.expect(call_uuid, ExpectedCall(phone=click.phone, code=click.code,
-                                                    external_phone=click.external_phone))
+                                                    external_phone=click.external_phone, tenant=self.tenant))
         try:
             try:
                 job = conn.bgapi(originate_command(click, self.plan, call_uuid))

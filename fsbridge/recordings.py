@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -43,6 +44,38 @@ class OpenRecording:
     mtime_ns: int
     content_type: str
     ext: str
+
+
+# A RIFF/WAVE header with its chunks before the data: FreeSWITCH (libsndfile) writes 44 bytes, a LIST or
+# fact chunk may add a few hundred. Past this the file is not one of FreeSWITCH's recordings.
+_WAV_HEAD_MAX = 4096
+_UNKNOWN_LENGTHS = (0, 0xFFFFFFFF)
+
+
+def wav_header_fix(fd: int, size: int) -> bytes:
+    """The repaired header of a WAV whose header claims no data, or b"" when it needs none.
+
+    FreeSWITCH writes a recording's lengths into its header when it closes the file: a recording cut short by
+    a FreeSWITCH crash (or still being written) says RIFF and data lengths of 0, and players then play
+    nothing. The answer is the same bytes with the lengths the file really has; the file is not touched
+    (fsbridge only reads recordings)."""
+    head = os.pread(fd, min(size, _WAV_HEAD_MAX), 0)
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return b""
+    pos = 12
+    while pos + 8 <= len(head):
+        chunk, length = head[pos:pos + 4], int.from_bytes(head[pos + 4:pos + 8], "little")
+        if chunk == b"data":
+            data_start = pos + 8
+            real = size - data_start
+            if length not in _UNKNOWN_LENGTHS and data_start + length <= size:
+                return b""   # a proper header (any bytes after the data are other chunks)
+            fixed = bytearray(head[:data_start])
+            fixed[4:8] = min(size - 8, 0xFFFFFFFF).to_bytes(4, "little")
+            fixed[pos + 4:pos + 8] = min(real, 0xFFFFFFFF).to_bytes(4, "little")
+            return bytes(fixed)
+        pos += 8 + length + (length & 1)   # chunks are padded to an even length
+    return b""
 
 
 def _encoder_argv(encoder: str, src: Path, dst: Path, bitrate_kbps: int) -> list[str] | None:
@@ -123,6 +156,17 @@ def to_mp3(
     return dst
 
 
+_SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+
+
+def _valid_subdir(subdir: str) -> bool:
+    """"" or up to 8 allow-listed segments: a directory FreeSWITCH's dialplan names, never `..`."""
+    if not subdir:
+        return True
+    parts = subdir.split("/")
+    return len(parts) <= 8 and all(_SEGMENT.fullmatch(p) and ".." not in p for p in parts)
+
+
 class Recordings:
     """The recordings directory.
 
@@ -152,14 +196,27 @@ class Recordings:
         self.keep_wav = keep_wav
         self._open_files = OpenFiles(keep_open_seconds)
 
-    def wav_path(self, record_id: str) -> Path:
-        """Where FreeSWITCH writes the recording of the leg `record_id`."""
-        return self._path(record_id, "wav")
+    def wav_path(self, record_id: str, subdir: str = "") -> Path:
+        """Where FreeSWITCH writes the recording of the leg `record_id` (`subdir`: from subdir_of())."""
+        return self._path(record_id, "wav", subdir)
 
-    def _path(self, record_id: str, ext: str) -> Path:
-        if not valid_record_id(record_id) or ext not in EXTENSIONS:
+    def _path(self, record_id: str, ext: str, subdir: str = "") -> Path:
+        if not valid_record_id(record_id) or ext not in EXTENSIONS or not _valid_subdir(subdir):
             raise ValueError("not a recording id / format")
-        return self.directory / f"{record_id}.{ext}"
+        return (self.directory / subdir if subdir else self.directory) / f"{record_id}.{ext}"
+
+    def subdir_of(self, path: str | None) -> str | None:
+        """The directory under the recordings directory that a RECORD_STOP path names ("" for the directory
+        itself, e.g. "acme.pbx.example.com/archive/2026/Dec/04" in FusionPBX's layout), or None when the path
+        is not a recording of ours under it. Text only, every segment allow-listed: no `..`, no dot files."""
+        if not path or not path.startswith(self._dir.rstrip("/") + "/"):
+            return None
+        parts = path[len(self._dir.rstrip("/")) + 1:].split("/")
+        stem, dot, ext = parts.pop().rpartition(".")
+        if not dot or not valid_record_id(stem) or ext not in EXTENSIONS:
+            return None
+        subdir = "/".join(parts)
+        return subdir if _valid_subdir(subdir) else None
 
     def _order(self, wanted: str | None) -> list[str]:
         preferred = ["mp3", "wav"] if self.prefer_mp3 else ["wav", "mp3"]
@@ -173,13 +230,13 @@ class Recordings:
         return to_mp3(wav_path, encoder=self.encoder, bitrate_kbps=self.bitrate_kbps,
                       timeout=self.convert_timeout, keep_wav=self.keep_wav)
 
-    def find(self, record_id: str, ext: str | None = None) -> FoundRecording | None:
+    def find(self, record_id: str, ext: str | None = None, subdir: str = "") -> FoundRecording | None:
         """The recording of `record_id` as (path, content_type): format `ext` if it exists, else the
         preferred one (mp3 first when prefer_mp3), else any; None when there is none."""
-        if not valid_record_id(record_id):
+        if not valid_record_id(record_id) or not _valid_subdir(subdir):
             return None
         for candidate in self._order(ext):
-            path = self._path(record_id, candidate)
+            path = self._path(record_id, candidate, subdir)
             try:
                 st = path.lstat()
             except OSError:
@@ -188,13 +245,14 @@ class Recordings:
                 return FoundRecording(path, CONTENT_TYPES[candidate])
         return None
 
-    def open(self, record_id: str, ext: str | None = None) -> OpenRecording | None:
+    def open(self, record_id: str, ext: str | None = None, subdir: str = "") -> OpenRecording | None:
         """Like find(), but opened: the caller serves exactly the file it stat'ed, and closes `file`."""
-        if not valid_record_id(record_id):
+        if not valid_record_id(record_id) or not _valid_subdir(subdir):
             return None
+        where = f"{self._dir}/{subdir}" if subdir else self._dir
         for candidate in self._order(ext):
             # Plain strings, not pathlib: this runs for every request of the record proxy.
-            path = f"{self._dir}/{record_id}.{candidate}"
+            path = f"{where}/{record_id}.{candidate}"
             try:
                 opened = self._open_files.open(path)
             except OSError as exc:

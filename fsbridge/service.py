@@ -15,32 +15,28 @@ import gevent.pool
 
 from fsbridge import history
 from fsbridge.calls.cdr_spool import CdrSpool
-from fsbridge.calls.legs import Directory
 from fsbridge.calls.model import FinishedCall
 from fsbridge.calls.tracker import CallTracker
 from fsbridge.config import Config, ConfigError
-from fsbridge.crm.card_sender import CardSender
 from fsbridge.crm.client import RetailCRM
 from fsbridge.esl.connection import EslConnection, EslError
 from fsbridge.esl.listener import EventListener
 from fsbridge.esl.protocol import Event
-from fsbridge.health import CrmReachability, Health
+from fsbridge.health import Health
 from fsbridge.history.cdr import has_talk_recording, record_id_of
 from fsbridge.http.app import Router
 from fsbridge.http.logo import LogoHandler
-from fsbridge.http.lookup import RoutingHandler
-from fsbridge.http.make_call import MakeCallHandler
 from fsbridge.http.ops import OpsHandlers
 from fsbridge.http.records import RecordsHandler
 from fsbridge.http.server import HttpServer
-from fsbridge.http.status import StatusHandler
 from fsbridge.hub_watch import HubWatch
-from fsbridge.manager_status import ManagerStatus
 from fsbridge.metrics import Metrics
-from fsbridge.originate import DialPlan, Originator
 from fsbridge.record_links import UUID_RE, RecordLinks
 from fsbridge.recordings import Recordings
-from fsbridge.routing import ManagerLookup
+from fsbridge.tenants.company import Company
+from fsbridge.tenants.observe import AllCards, TenantMetrics, TenantsReachability, tenant_checks
+from fsbridge.tenants.ops import TenantsOps
+from fsbridge.tenants.registry import Companies, TenantRoutingHandler, register_callbacks
 
 log = logging.getLogger("fsbridge")
 # FreeSWITCH writes its own uuids in lower case, but an origination_uuid set by a dialplan or another ESL
@@ -68,11 +64,18 @@ class _RecoveredCalls:
         self.bridge = bridge
 
     def known(self, call_ids: list[str]) -> set[str]:
-        return self.bridge.history.known(call_ids)
+        if self.bridge.companies.single:
+            return self.bridge.history.known(call_ids)
+        return self.bridge.outbox.known(call_ids)
 
     def record(self, calls: list[FinishedCall]) -> bool:
+        # The outbox is shared: one transaction for all, then each company's uploader is woken for its own.
         if not self.bridge.history.record(calls):
             return False
+        for company in {c.tenant for c in calls}:
+            found = self.bridge.companies.get(company)
+            if found is not None:
+                found.history.wake()
         for call in calls:
             self.bridge._after_history(call)
         return True
@@ -86,49 +89,41 @@ class Bridge:
         self.cfg = cfg
         self.metrics = Metrics()
         self.hub_watch = HubWatch(self.metrics.registry)
-        self.crm_health = CrmReachability()
-        self.crm = crm or RetailCRM(cfg.crm.url, cfg.crm.api_key, timeout=cfg.crm.timeout,
-                                    telephony_rate=cfg.crm.telephony_rate)
-        self.crm.observer = self._observe_crm
-        self.cards = CardSender(self.crm, max_age=cfg.crm.card_max_age, workers=cfg.crm.card_workers,
-                                queue_size=cfg.crm.card_queue_size)
         try:
             cfg.storage.dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"storage.dir: cannot create {cfg.storage.dir}: {exc.strerror}") from None
         self.links = RecordLinks(cfg.integration.public_url, cfg.records.link_secret,
                                  previous_secrets=tuple(cfg.records.previous_link_secrets))
-        self.history = history.from_config(cfg, self.crm, links=self.links)
+        self.outbox = history.open_outbox(cfg)
+        # What is per company (CRM client, cards, history, routing, statuses, click-to-call) is in
+        # fsbridge/tenants/; the single-company config is one implicit tenant.
+        self.companies = Companies(cfg, outbox=self.outbox, links=self.links, observe_crm=self._observe_crm)
+        self.crm_health = TenantsReachability(self.companies)
         self.observer = on_finished
-        self.tracker = CallTracker(Directory.from_config(cfg), on_event=self.cards.submit,
+        self.tracker = CallTracker(self.companies.directory, on_event=self.companies.card,
                                    on_finished=self._finished)
         self.listener = EventListener(cfg.freeswitch, self.on_event, on_connect=self._after_connect)
+        self.companies.build(self.listener, self.tracker, crm=crm)
         # The live view is whole once, connected, fsbridge has taken stock of FreeSWITCH's channels.
         self._view_of: EslConnection | None = None
         self._stopped = False
         self.spool = self._cdr_spool()
         self.last_event_at: float | None = None
         self._periodic: gevent.Greenlet | None = None
-        self.statuses = ManagerStatus(cfg.storage.dir / "manager_status.json")
         self.recordings = Recordings(cfg.records.dir, prefer_mp3=cfg.records.prefer_mp3,
                                      encoder=cfg.records.mp3_encoder, bitrate_kbps=cfg.records.mp3_bitrate_kbps)
         # MP3 encoding runs in child processes, two at a time, never on the ESL reading path: the reader only
         # spawns (a Pool would make it wait for a free slot), the greenlet waits for its turn.
         self._encoders = gevent.pool.Group()
+        self._located: dict[str, str | None] = {}
         self._encoder_slots = gevent.lock.BoundedSemaphore(2)
-        r = cfg.routing
-        self.manager_lookup = ManagerLookup(self.crm, cfg.manager_codes, self.statuses, timeout=r.timeout,
-                                            cache_ttl=r.cache_ttl, negative_ttl=r.negative_ttl,
-                                            cache_size=r.cache_size, ignore_status=r.ignore_status,
-                                            breaker=r.breaker, breaker_max=r.breaker_max)
-        self.click_to_call_off = ""
-        self.originator = self._originator()
         self.health = Health(
             esl_connected=lambda: self.listener.connected,
             last_event_age=self._last_sign_of_life_age,
             heartbeat_timeout=cfg.freeswitch.heartbeat_timeout, workers_alive=self._dead_workers,
-            outbox_oldest_age=self.history.oldest_pending_age, outbox_max_age=self._outbox_max_age(),
-            crm=self.crm_health)
+            outbox_oldest_age=self._outbox_oldest_age, outbox_max_age=self._outbox_max_age(),
+            crm=self.crm_health, extra=lambda: tenant_checks(self.companies))
         self._watch_levels()
         # Two listeners, each with its own routes (a route exists on one only): the public one, behind the
         # TLS proxy, for retailCRM and the managers' browsers; the internal one (loopback by default) for
@@ -153,36 +148,47 @@ class Bridge:
         h = self.cfg.history
         return 600.0 + (2 * h.period * 60 if h.strategy == "periodic" else 0.0)
 
-    def _originator(self) -> Originator | None:
-        o = self.cfg.originate
-        try:
-            plan = DialPlan(manager_dial=o.manager_dial, customer_dial=o.customer_dial, gateway=o.gateway,
-                            ring_timeout=o.ring_timeout, ringing_wait=o.ringing_wait,
-                            dedupe_window=o.dedupe_window, record_dir=str(self.cfg.records.dir))
-        except ValueError as exc:
-            self.click_to_call_off = f"click-to-call is off: originate.{exc}"
-            log.warning("%s", self.click_to_call_off)
-            return None
-        return Originator(self.listener, self.tracker, plan)
+    # The single company's objects, under the names they always had (tests, tools); with tenant files, the
+    # first tenant's.
+    def _only(self) -> Company:
+        return next(iter(self.companies))
+
+    crm = property(lambda self: self._only().crm)
+    cards = property(lambda self: self._only().cards)
+    history = property(lambda self: self._only().history)
+    statuses = property(lambda self: self._only().statuses)
+    manager_lookup = property(lambda self: self._only().lookup)
+    originator = property(lambda self: self._only().originator)
+    click_to_call_off = property(lambda self: self._only().click_to_call_off)
+
+    def _outbox_oldest_age(self) -> float | None:
+        oldest = self.outbox.oldest_pending()
+        return None if oldest is None else max(0.0, time.time() - oldest)
 
     def _routes(self) -> Router:
         """The public listener's routes: what retailCRM and the managers' browsers reach."""
         cfg = self.cfg
         router = Router()
-        StatusHandler(cfg.integration.client_id, cfg.manager_codes, self.statuses).register(router)
+        register_callbacks(router, self.companies)
         LogoHandler().register(router)
-        RecordsHandler(self.links, self.recordings,
-                       accel_redirect_prefix=cfg.records.accel_redirect_prefix or None).register(router)
-        MakeCallHandler(cfg.integration.client_id, cfg.managers, cfg.external_phones, self.originator,
-                        off_reason=self.click_to_call_off).register(router)
+        RecordsHandler(self.links, self.recordings, accel_redirect_prefix=cfg.records.accel_redirect_prefix or None,
+                       locate=self._locate_recording).register(router)
         return router
 
     def _internal_routes(self) -> Router:
         """The internal listener's routes; routing.allow_from still fences the lookup."""
         router = Router()
-        RoutingHandler(self.manager_lookup, allow_from=self.cfg.routing.allow_from).register(router)
+        TenantRoutingHandler(self.companies, allow_from=self.cfg.routing.allow_from).register(router)
         OpsHandlers(self.metrics, self.health).register(router)
+        TenantsOps(self.companies, allow_from=self.cfg.routing.allow_from).register(router)
         return router
+
+    def reload(self) -> dict[str, str]:
+        """Apply the tenant files as they are now (`fsbridge reload`, SIGHUP); the refusals by tenant."""
+        refused = self.companies.reload()
+        if self.spool is not None:
+            self.spool.calls = self.companies.directory   # CDRs are attributed as live calls are
+        return refused
 
     # -- the reading path: no I/O but the outbox's single INSERT (see history/outbox.py) --
 
@@ -190,8 +196,7 @@ class Bridge:
         self.last_event_at = time.monotonic()
         self.metrics.on_event(event.get("Event-Name") or "", event.get("Event-Date-Timestamp"))
         self.tracker.handle(event)
-        if self.originator is not None:
-            self.originator.on_event(event)
+        self.companies.watch.on_event(event)
 
     def _cdr_spool(self) -> CdrSpool | None:
         fs = self.cfg.freeswitch
@@ -211,7 +216,7 @@ class Bridge:
             # Part of it happened while events were not arriving: FreeSWITCH's CDRs complete it.
             self.spool.defer(call)
             return
-        self.history.on_finished(call)
+        self.companies.finished(call)
         if self.spool is not None:
             self.spool.note_live(call)
         self._after_history(call)
@@ -219,11 +224,25 @@ class Bridge:
     def _after_history(self, call: FinishedCall) -> None:
         if self.cfg.records.prefer_mp3 and has_talk_recording(call):
             ref = record_id_of(call.recording_path or "")
-            if ref is not None and ref[1] == "wav":
-                # Rebuilt from the allow-listed id: the header's own path never reaches the encoder.
-                self._encoders.spawn(self._to_mp3, self.recordings.wav_path(ref[0]))
+            subdir = self.companies.recording_subdir(call, self.recordings)
+            if ref is not None and ref[1] == "wav" and subdir is not None:
+                # Rebuilt from the allow-listed id and directory: the header's own path never reaches the encoder.
+                self._encoders.spawn(self._to_mp3, self.recordings.wav_path(ref[0], subdir))
         if self.observer is not None:
             self.observer(call)
+
+    def _locate_recording(self, record_id: str) -> str | None:
+        """The directory of a record link's file: its call's RECORD_STOP path, checked (registry.py)."""
+        known = self._located.get(record_id, False)
+        if known is not False:
+            return known  # type: ignore[return-value]
+        call = self.outbox.find(record_id)
+        if call is None:
+            return ""   # no call of that id (yet): the flat <records.dir>/<uuid>.<ext>
+        if len(self._located) >= 4096:
+            self._located.clear()
+        subdir = self._located[record_id] = self.companies.recording_subdir(call, self.recordings)
+        return subdir
 
     def _to_mp3(self, wav: Path) -> None:
         with self._encoder_slots:
@@ -278,8 +297,7 @@ class Bridge:
         except BaseException:
             self.internal_http.stop(0)  # the public port is taken: leave nothing bound behind
             raise
-        self.cards.start()
-        self.history.start()
+        self.companies.start()
         self.listener.start()
         self._periodic = gevent.spawn(self._reconcile_periodically)
         if self.spool is not None:
@@ -307,14 +325,15 @@ class Bridge:
         self.listener.stop()
         if self.spool is not None:
             self.spool.stop()
-        self.cards.stop(max(0.0, deadline - time.monotonic()) / 2)
         # Give the history a last chance to go out now rather than at the next start.
-        self.history.wake()
-        while self.history.outbox.levels()[0] and self.history.alive and time.monotonic() < deadline - 1.0:
+        for company in self.companies:
+            company.history.wake()
+        while self.outbox.levels()[0] and any(c.history.alive for c in self.companies) \
+                and time.monotonic() < deadline - 1.0:
             gevent.sleep(0.05)
-        self.history.stop(max(0.5, deadline - time.monotonic()))
-        pending = self.history.outbox.levels()[0]
-        self.history.outbox.close()
+        self.companies.stop(max(1.0, deadline - time.monotonic()))
+        pending = self.outbox.levels()[0]
+        self.outbox.close()
         self.http.stop(1.0)
         self.internal_http.stop(1.0)
         if not self._encoders.join(timeout=5.0):
@@ -343,22 +362,21 @@ class Bridge:
 
     # -- operations --
 
-    def _observe_crm(self, method: str, path: str, status: int | None, seconds: float) -> None:
+    def _observe_crm(self, company: Company, method: str, path: str, status: int | None, seconds: float) -> None:
         self.metrics.on_crm_request(method, path, status, seconds)
-        self.crm_health.observe(status)
+        self.tenant_metrics.on_crm_request(company, status)
 
     def _dead_workers(self) -> list[str]:
         dead = []
         if not self.listener.running:
             dead.append("event listener")
-        if not self.history.alive:
-            dead.append("history uploader")
-        if not self.cards.running:
-            dead.append("call-event workers")
+        for company in self.companies:
+            dead += company.dead_workers()
         return dead
 
     def _watch_levels(self) -> None:
-        m, cards, tracker = self.metrics, self.cards, self.tracker
+        m, cards, tracker = self.metrics, AllCards(self.companies), self.tracker
+        self.tenant_metrics = TenantMetrics(m, self.companies)
         m.watch("fsbridge_calls_tracked", "Channels fsbridge follows now",
                 lambda: [({}, len(tracker.legs))])
         m.watch("fsbridge_call_events_queued", "Call events waiting for delivery", lambda: [({}, cards.pending)])
@@ -379,11 +397,11 @@ class Bridge:
                 lambda: [({}, 1.0 if self.listener.connected else 0.0)])
 
         def outbox() -> list[tuple[dict[str, str], float]]:
-            pending, quarantined = self.history.outbox.levels()
+            pending, quarantined = self.outbox.levels()
             return [({"state": "pending"}, float(pending)), ({"state": "quarantined"}, float(quarantined))]
         m.watch("fsbridge_outbox_calls", "Calls in the history outbox by state", outbox)
         m.watch("fsbridge_outbox_oldest_pending_seconds", "Age of the oldest call waiting for upload",
-                lambda: [({}, self.history.oldest_pending_age() or 0.0)])
+                lambda: [({}, self._outbox_oldest_age() or 0.0)])
         if self.spool is not None:
             st = self.spool.stats
             m.watch("fsbridge_cdr_calls_total", "Calls written to the history from FreeSWITCH's CDR documents",
@@ -393,8 +411,9 @@ class Bridge:
                     lambda: [({"what": "read"}, st.reads), ({"what": "accounted"}, st.accounted),
                              ({"what": "deleted"}, st.deleted), ({"what": "unreadable"}, st.unreadable)],
                     counter=True)
-        if self.originator is not None:
-            o = self.originator
-            m.watch("fsbridge_originate_total", "Click-to-call attempts by result",
-                    lambda: [({"result": "ringing"}, o.started - o.failed), ({"result": "failed"}, o.failed)],
-                    counter=True)
+
+        def originated() -> list[tuple[dict[str, str], float]]:
+            started = sum(c.originator.started for c in self.companies if c.originator is not None)
+            failed = sum(c.originator.failed for c in self.companies if c.originator is not None)
+            return [({"result": "ringing"}, started - failed), ({"result": "failed"}, failed)]
+        m.watch("fsbridge_originate_total", "Click-to-call attempts by result", originated, counter=True)

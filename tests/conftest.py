@@ -87,22 +87,29 @@ def start_bridge(simulator, fake_crm, make_config) -> Iterator[Callable[..., Any
     """Start fsbridge in-process against the simulator and the fake CRM, connected and subscribed;
     stopped after the test. Keyword arguments override config sections."""
     from fsbridge.service import Bridge
-    from tests.waiting import until
 
     started: list[Bridge] = []
 
     def start(**overrides: Any) -> Bridge:
-        bridge = Bridge(config.from_mapping(settings(fs_port=simulator.port, crm_url=fake_crm.url, **overrides),
-                                            env={}))
-        bridge.start()
-        started.append(bridge)
-        until(lambda: bridge.listener.connected, what="fsbridge to connect")
-        simulator.wait_for_subscriber()
-        return bridge
+        cfg = config.from_mapping(settings(fs_port=simulator.port, crm_url=fake_crm.url, **overrides), env={})
+        return run_bridge(cfg, simulator, started)
 
     yield start
     for bridge in started:
         bridge.stop()
+
+
+def run_bridge(cfg: config.Config, simulator: Any, started: list[Any]) -> Any:
+    """fsbridge of `cfg` started in-process, connected and subscribed to `simulator`; added to `started`."""
+    from fsbridge.service import Bridge
+    from tests.waiting import until
+
+    bridge = Bridge(cfg)
+    bridge.start()
+    started.append(bridge)
+    until(lambda: bridge.listener.connected, what="fsbridge to connect")
+    simulator.wait_for_subscriber()
+    return bridge
 
 
 def base_url(bridge: Any) -> str:

@@ -529,3 +529,44 @@ def test_file_shrinking_mid_transfer_drops_the_connection(env: Env, caplog: pyte
     assert len(errors) == 1 and "EOFError" in errors[0] and "leak-me" not in errors[0]
     assert "Traceback" not in capfd.readouterr().err
     assert requests.get(env.url(), headers={"Range": "bytes=0-3"}).content == b"RIFF"
+
+
+# --- a recording cut short by a FreeSWITCH crash ------------------------------------------------------
+
+CRASHED_ID = "c4a5bed0-0000-4000-8000-00000000c4a5"
+
+
+def _crashed_copy(env: Env, riff: int = 0, data: int = 0) -> bytes:
+    """The fixture as FreeSWITCH leaves it when it dies mid-call: its lengths never written (0, or libsndfile's
+    placeholder), the audio all there."""
+    raw = bytearray(env.data)
+    assert raw[36:40] == b"data"   # the fixture's layout: fmt chunk, then data at 36
+    raw[4:8] = riff.to_bytes(4, "little")
+    raw[40:44] = data.to_bytes(4, "little")
+    (env.rec_dir / f"{CRASHED_ID}.wav").write_bytes(raw)
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("riff, data", [(0, 0), (0xFFFFFFFF, 0xFFFFFFFF), (36, 0)])
+def test_a_recording_whose_header_claims_no_data_is_served_with_its_real_length(
+        env: Env, riff: int, data: int) -> None:
+    import io
+    import wave
+
+    _crashed_copy(env, riff, data)
+    whole = requests.get(env.url(CRASHED_ID))
+    assert whole.status_code == 200
+    assert whole.content == env.data   # the header FreeSWITCH would have written on close
+    with wave.open(io.BytesIO(whole.content)) as played:
+        assert played.getnframes() == (len(env.data) - 44) // 4   # 16-bit stereo
+    # A player seeking reads the header and the audio through ranges, wherever they cut.
+    for first, last in ((0, 43), (2, 6), (38, 50), (40, 43), (44, 1000)):
+        part = requests.get(env.url(CRASHED_ID), headers={"Range": f"bytes={first}-{last}"})
+        assert part.status_code == 206 and part.content == env.data[first:last + 1], (first, last)
+
+
+def test_a_proper_header_is_left_as_it_is(env: Env, tmp_path: Path) -> None:
+    # A header whose data length is shorter than the file (chunks after the data) is not "repaired".
+    raw = env.data + b"LIST\x04\x00\x00\x00abcd"
+    (env.rec_dir / f"{CRASHED_ID}.wav").write_bytes(raw)
+    assert requests.get(env.url(CRASHED_ID)).content == raw

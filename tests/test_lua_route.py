@@ -330,6 +330,15 @@ def test_the_caller_number_is_url_encoded(tmp_path: Path, transport: str) -> Non
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
+def test_the_calls_domain_is_passed_for_a_virtual_pbx(tmp_path: Path, transport: str) -> None:
+    with canned(body=b"") as (url, answer):
+        run_script(tmp_path, url, transport, caller=PHONE, domain_name="acme.pbx.example.com")
+        run_script(tmp_path, url, transport, caller=PHONE, domain_name="a&b=c")
+    assert answer.queries == ["phone=%2B79121234567&domain=acme.pbx.example.com",
+                              "phone=%2B79121234567&domain=a%26b%3Dc"]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
 def test_a_hostile_caller_id_does_not_reach_the_shell(tmp_path: Path, transport: str) -> None:
     marker = tmp_path / "pwned"
     with canned(body=b"") as (url, answer):

@@ -61,7 +61,9 @@ _REF_VARIABLES = ("originator", "originating_leg_uuid", "bridge_uuid", "signal_b
 # Variables the call model reads from events (legs.classify, CallTracker._parent_of), as `variable_<name>`.
 _EVENT_VARIABLES = ("sip_from_user", "dialed_user", "sip_gateway_name", "sip_gateway", "sofia_profile_name",
                     "originating_leg_uuid", "cc_member_session_uuid", "fifo_bridge_uuid",
-                    "other_loopback_leg_uuid", "other_loopback_from_uuid")
+                    "other_loopback_leg_uuid", "other_loopback_from_uuid",
+                    # which company a leg is (tenants/attribution.py)
+                    "domain_name", "dialed_domain", "sip_from_host", "sip_req_host", "sip_to_host")
 
 # Ledger states of a document.
 LIVE, RECOVERED, IGNORED, UNREADABLE = 1, 2, 3, 4

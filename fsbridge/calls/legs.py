@@ -34,6 +34,7 @@ class Leg:
     dialled: str                  # Caller-Destination-Number
     caller_id: str                # Caller-Caller-ID-Number
     created_us: int
+    tenant: str | None = None     # the company whose directory classified it; None: nobody's (see attribution.py)
     call: Call | None = None
     rang: bool = False
     ended: bool = False
@@ -53,12 +54,21 @@ class Directory:
     gateways: frozenset[str] = frozenset()
     contexts: frozenset[str] = frozenset()
     profiles: frozenset[str] = frozenset()
+    # The company this directory is: "" for the single company, None for "nobody's" (no tenant claims a leg).
+    tenant: str | None = ""
 
     @classmethod
     def from_config(cls, cfg: Config) -> Directory:
         return cls(managers=cfg.manager_codes, external_phones=dict(cfg.external_phones),
                    gateways=frozenset(cfg.trunks.gateways), contexts=frozenset(cfg.trunks.contexts),
                    profiles=frozenset(cfg.trunks.profiles))
+
+    # A single company's directory is its own attribution: every leg is its (see tenants/attribution.py).
+    def for_event(self, ev: Event) -> Directory | None:
+        return self
+
+    def named(self, tenant: str | None) -> Directory | None:
+        return self
 
     def is_trunk(self, ev: Event) -> bool:
         gateway = ev.get("variable_sip_gateway_name") or ev.get("variable_sip_gateway")
@@ -95,14 +105,15 @@ def classify(ev: Event, directory: Directory, created_us: int) -> Leg:
         # manager. The tracker joins both to the customer's call and looks through them at bridges.
         return Leg(uuid=ev["Unique-ID"], role=OTHER, inbound=inbound, code=None, number="",
                    dialled=normalize_number(dialled), caller_id=normalize_number(caller_id), created_us=created_us,
-                   loopback_peer=ev.get("variable_other_loopback_leg_uuid", ""))
+                   tenant=directory.tenant, loopback_peer=ev.get("variable_other_loopback_leg_uuid", ""))
     dialed_user = ev.get("variable_dialed_user", "")
     if not inbound and dialed_user in managers:
         # Rule (forwarding): FreeSWITCH sets dialed_user on the leg it creates for `user/100`. That leg
         # is manager 100's wherever the directory sends it: their desk phone, or their mobile through a
         # trunk when 100 forwards its calls (call forwarding, follow-me). Not a customer.
         return Leg(uuid=ev["Unique-ID"], role=MANAGER, inbound=False, code=dialed_user, number="",
-                   dialled=normalize_number(dialled), caller_id=normalize_number(caller_id), created_us=created_us)
+                   dialled=normalize_number(dialled), caller_id=normalize_number(caller_id), created_us=created_us,
+                   tenant=directory.tenant)
     if inbound:
         # A phone registered as extension 100 calls in with its user name and caller id.
         user = ev.get("variable_sip_from_user") or ev.get("Caller-Username") or caller_id
@@ -120,4 +131,5 @@ def classify(ev: Event, directory: Directory, created_us: int) -> Leg:
     if role == OTHER and number and (trunk or len(number.lstrip("+")) >= MIN_CUSTOMER_DIGITS):
         role = CUSTOMER
     return Leg(uuid=ev["Unique-ID"], role=role, inbound=inbound, code=code, number=number,
-               dialled=normalize_number(dialled), caller_id=normalize_number(caller_id), created_us=created_us)
+               dialled=normalize_number(dialled), caller_id=normalize_number(caller_id), created_us=created_us,
+               tenant=directory.tenant)

@@ -18,6 +18,7 @@ class CallEvent:
     external_phone: str | None = None
     site: str | None = None
     hangup_status: str | None = None
+    tenant: str = ""               # the company whose CRM gets it ("": the single company)
     # When fsbridge learnt of it (time.monotonic()): a card older than the age limit is worthless.
     created: float = field(default_factory=time.monotonic)
 
@@ -60,6 +61,9 @@ class FinishedCall:
     gap: bool = False
     # Where fsbridge learnt it: "events" (followed live) or "cdr" (rebuilt from FreeSWITCH's CDR documents).
     source: str = "events"
+    # The company whose history it goes to ("": the single company). A call rebuilt from a CDR document
+    # gets it from the document's variables.domain_name (tenants.Attribution.tenant_of_domain).
+    tenant: str = ""
 
     @property
     def duration(self) -> int:

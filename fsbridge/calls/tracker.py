@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fsbridge.calls import outcome
-from fsbridge.calls.legs import CUSTOMER, MANAGER, Directory, Leg, classify
+from fsbridge.calls.legs import CUSTOMER, MANAGER, OTHER, Directory, Leg, classify
 from fsbridge.calls.model import CallEvent, FinishedCall
 from fsbridge.esl.protocol import Event
 
@@ -28,6 +28,8 @@ _RINGING = frozenset({"CHANNEL_PROGRESS", "CHANNEL_PROGRESS_MEDIA", "CHANNEL_ANS
 # Events that show a channel is alive; others about a channel we do not know (a late
 # DESTROY after the call was closed) must not resurrect it.
 _ALIVE = _RINGING | {"CHANNEL_CREATE", "CHANNEL_BRIDGE"}
+# The directory of legs no company claims: they can be nobody's manager.
+NOBODY = Directory(managers=frozenset(), external_phones={}, tenant=None)
 # How a new leg names the leg it was created for (a loopback-b half: its -a half, or the leg that dialled it).
 _PARENT_VARIABLES = ("variable_originating_leg_uuid", "variable_cc_member_session_uuid",
                      "variable_fifo_bridge_uuid", "variable_other_loopback_leg_uuid",
@@ -52,6 +54,10 @@ class Call:
     recording_path: str | None = None
     recording_ms: int | None = None
     clicked: bool = False                                # originated by fsbridge (click-to-call)
+    # The company the call belongs to, decided once (attribution.py): None while no tenant claims it,
+    # and then it is nobody's: no card, no history.
+    tenant: str | None = None
+    directory: Directory | None = None
     gap: bool = False                                    # some of its events were missed (see FinishedCall.gap)
 
     def customer(self) -> Leg | None:
@@ -68,6 +74,7 @@ class ExpectedCall:
     phone: str
     code: str
     external_phone: str | None = None
+    tenant: str | None = ""
 
 
 class CallTracker:
@@ -120,21 +127,45 @@ class CallTracker:
 
     def _new_leg(self, ev: Event) -> Leg:
         created = _int(ev.get("Caller-Channel-Created-Time")) or _int(ev.get("Event-Date-Timestamp"))
-        leg = classify(ev, self.directory, created)
-        self.legs[leg.uuid] = leg
         parent = self._parent_of(ev)
-        if parent is not None and parent.call is not None:
-            self._join(parent.call, leg)
+        host = parent.call if parent is not None else None
+        expected = self.expected.pop(ev["Unique-ID"], None) if host is None else None
+        directory = self.directory.for_event(ev)
+        if directory is None:
+            # Its own headers name no company: it is a leg of the call it joins, or of the click.
+            directory = host.directory if host is not None else None
+            if directory is None and expected is not None:
+                directory = self.directory.named(expected.tenant)
+        leg = classify(ev, directory or NOBODY, created)
+        if host is not None and host.tenant is not None and leg.tenant not in (None, host.tenant):
+            # Another company's phone in this company's call: neither its manager nor its customer.
+            leg.role, leg.code, leg.number = OTHER, None, ""
+        self.legs[leg.uuid] = leg
+        if host is not None:
+            self._join(host, leg)
         else:
             call = Call(id=leg.uuid, direction="", start_us=created)
-            expected = self.expected.pop(leg.uuid, None)
+            if leg.tenant is not None:
+                call.tenant, call.directory = leg.tenant, directory
             if expected is not None:
                 call.clicked = True
                 call.phone = expected.phone
                 call.external_phone = expected.external_phone
-                call.site = self.directory.site_of(expected.external_phone)
+                call.site = self._directory(call).site_of(expected.external_phone)
             self._join(call, leg)
         return leg
+
+    def _directory(self, call: Call) -> Directory:
+        return call.directory or NOBODY
+
+    def _attribute(self, call: Call, tenant: str) -> None:
+        """The call is `tenant`'s from now on (its first leg that a company claims decides)."""
+        call.tenant = tenant
+        call.directory = self.directory.named(tenant)
+        if call.direction == "in":
+            first = call.legs[0]
+            call.external_phone = self._directory(call).external(first.dialled)
+            call.site = self._directory(call).site_of(first.dialled)
 
     def _parent_of(self, ev: Event) -> Leg | None:
         if ev.get("Other-Type") == "originator":
@@ -152,6 +183,8 @@ class CallTracker:
             leg.call.legs.remove(leg)
         leg.call = call
         call.legs.append(leg)
+        if call.tenant is None and leg.tenant is not None:
+            self._attribute(call, leg.tenant)
         if call.direction:
             return
         first = call.legs[0]
@@ -159,8 +192,8 @@ class CallTracker:
             # The customer called us: a card pops when a manager's phone rings.
             call.direction = "in"
             call.phone = first.number
-            call.external_phone = self.directory.external(first.dialled)
-            call.site = self.directory.site_of(first.dialled)
+            call.external_phone = self._directory(call).external(first.dialled)
+            call.site = self._directory(call).site_of(first.dialled)
             return
         manager = next((lg for lg in call.legs if lg.role == MANAGER), None)
         customer = call.customer()
@@ -169,8 +202,8 @@ class CallTracker:
             call.direction = "out"
             if customer is not None and not call.clicked:
                 call.phone = customer.number
-                call.external_phone = self.directory.external(customer.caller_id)
-                call.site = self.directory.site_of(call.external_phone)
+                call.external_phone = self._directory(call).external(customer.caller_id)
+                call.site = self._directory(call).site_of(call.external_phone)
             self._announce(call, "out", [manager.code or ""])
 
     def _ringing(self, ev: Event, leg: Leg) -> None:
@@ -279,7 +312,7 @@ class CallTracker:
             if self.legs.get(leg.uuid) is leg:
                 del self.legs[leg.uuid]
             leg.call = None
-        if not call.direction or not call.phone:
+        if not call.direction or not call.phone or call.tenant is None:
             return
         self.calls_finished += 1
         answered = call.talked is not None
@@ -311,7 +344,7 @@ class CallTracker:
             start_us=call.start_us, answer_us=call.bridge_us or None,
             end_us=max(lg.end_us for lg in call.legs), external_phone=call.external_phone, site=call.site,
             recording_path=call.recording_path, recording_ms=call.recording_ms,
-            legs=tuple(lg.uuid for lg in call.legs), gap=call.gap))
+            legs=tuple(lg.uuid for lg in call.legs), gap=call.gap, tenant=call.tenant))
 
     def _announce(self, call: Call, kind: str, codes: list[str]) -> None:
         codes = [c for c in codes if c and c not in call.announced]
@@ -323,8 +356,11 @@ class CallTracker:
             self._emit(call, kind, codes, None)
 
     def _emit(self, call: Call, kind: str, codes: list[str], status: str | None) -> None:
+        if call.tenant is None:
+            return   # nobody's call: no company's CRM hears of it
         self.on_event(CallEvent(type=kind, phone=call.phone, codes=tuple(codes), call_id=call.id,
-                                external_phone=call.external_phone, site=call.site, hangup_status=status))
+                                external_phone=call.external_phone, site=call.site, hangup_status=status,
+                                tenant=call.tenant))
 
     # -- after a reconnect, or periodically --
 

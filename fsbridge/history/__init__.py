@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import zoneinfo
 from pathlib import Path
+from typing import Any
 
 from fsbridge.config import Config
 from fsbridge.crm.client import RetailCRM
@@ -55,8 +56,16 @@ def builder_from_config(cfg: Config, links: RecordLinks | None = None) -> CdrBui
 
 def from_config(cfg: Config, crm: RetailCRM, links: RecordLinks | None = None) -> Uploader:
     """The service's uploader and its outbox (opened, with checkpoints off the hub), not started."""
+    return uploader(cfg, crm, open_outbox(cfg), links)
+
+
+def open_outbox(cfg: Config) -> Outbox:
+    return Outbox(outbox_path(cfg), fsync=cfg.history.fsync, checkpoint_interval=1.0)
+
+
+def uploader(cfg: Config, crm: RetailCRM, outbox: Any, links: RecordLinks | None = None) -> Uploader:
+    """An uploader of `cfg`'s company over `outbox` (a tenant's view of the shared one), not started."""
     h = cfg.history
-    outbox = Outbox(outbox_path(cfg), fsync=h.fsync, checkpoint_interval=1.0)
     keep_days = h.keep_sent_days
     return Uploader(
         outbox, crm, builder_from_config(cfg, links),

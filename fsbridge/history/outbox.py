@@ -45,7 +45,7 @@ from fsbridge.calls.model import FinishedCall
 
 PENDING, SENT, QUARANTINED = 0, 1, 2
 STATE_NAMES = {PENDING: "pending", SENT: "sent", QUARANTINED: "quarantined"}
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 log = logging.getLogger("fsbridge.history")
 MAX_REASON = 1000
@@ -65,6 +65,12 @@ CREATE TABLE IF NOT EXISTS calls (
 CREATE INDEX IF NOT EXISTS calls_pending ON calls(id) WHERE state = 0;
 CREATE INDEX IF NOT EXISTS calls_sent ON calls(updated) WHERE state = 1;
 CREATE INDEX IF NOT EXISTS calls_quarantined ON calls(updated) WHERE state = 2;
+"""
+# Schema 2: the company a call belongs to (virtual PBX), so that each tenant's uploader claims its own calls
+# and a tenant whose CRM is down holds back nobody else's. '' is the single company: rows of schema 1.
+_TENANTS = """
+ALTER TABLE calls ADD COLUMN tenant TEXT NOT NULL DEFAULT '';
+CREATE INDEX IF NOT EXISTS calls_pending_tenant ON calls(tenant, id) WHERE state = 0;
 """
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(FinishedCall))
@@ -162,7 +168,8 @@ class Outbox:
                 # One script, one transaction: two fsbridge processes starting together cannot both
                 # half-create the schema.
                 self._db.executescript(
-                    f"BEGIN IMMEDIATE;{_SCHEMA}PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
+                    f"BEGIN IMMEDIATE;{_SCHEMA if version < 1 else ''}{_TENANTS}"
+                    f"PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
         except sqlite3.DatabaseError as exc:
             raise OutboxError(f"cannot open the outbox {self.path}: {exc}") from None
         self._lock = threading.Lock()
@@ -235,35 +242,40 @@ class Outbox:
         payload = encode_call(call)
         with self._lock:
             cur = self._db.execute(
-                "INSERT INTO calls (external_id, payload, added) VALUES (?, ?, ?) "
+                "INSERT INTO calls (external_id, payload, added, tenant) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT(external_id) DO NOTHING",
-                (call.call_id, payload, time.time()))
+                (call.call_id, payload, time.time(), call.tenant))
             self._pending += cur.rowcount
         return cur.rowcount == 1
 
     def add_many(self, calls: Sequence[FinishedCall]) -> int:
         """Store calls in one transaction (calls recovered in bulk); how many were new."""
         now = time.time()
-        rows = [(call.call_id, encode_call(call), now) for call in calls]
+        rows = [(call.call_id, encode_call(call), now, call.tenant) for call in calls]
         added = 0
         with self._lock, self._transaction():
             for row in rows:
                 added += self._db.execute(
-                    "INSERT INTO calls (external_id, payload, added) VALUES (?, ?, ?) "
+                    "INSERT INTO calls (external_id, payload, added, tenant) VALUES (?, ?, ?, ?) "
                     "ON CONFLICT(external_id) DO NOTHING", row).rowcount
         self._pending += added
         return added
 
     # -- the uploader side ---------------------------------------------------------------------
 
-    def claim(self, limit: int) -> list[Entry]:
-        """Up to `limit` pending calls, oldest first, that no other claim holds."""
+    def claim(self, limit: int, tenant: str | None = None) -> list[Entry]:
+        """Up to `limit` pending calls (of `tenant` only, unless None), oldest first, that no other claim
+        holds."""
         if limit < 1:
             return []
         with self._lock:
             asked = limit + len(self._inflight)
-            rows = self._db.execute(
-                "SELECT id, payload, added FROM calls WHERE state = 0 ORDER BY id LIMIT ?", (asked,)).fetchall()
+            if tenant is None:
+                rows = self._db.execute("SELECT id, payload, added FROM calls WHERE state = 0 ORDER BY id LIMIT ?",
+                                        (asked,)).fetchall()
+            else:
+                rows = self._db.execute("SELECT id, payload, added FROM calls WHERE state = 0 AND tenant = ? "
+                                        "ORDER BY id LIMIT ?", (tenant, asked)).fetchall()
             taken = [r for r in rows if r[0] not in self._inflight][:limit]
             self._inflight.update(r[0] for r in taken)
         # Decoded out of the lock, other greenlets running in between: a batch of 50 took ~1 ms in one go,
@@ -344,11 +356,21 @@ class Outbox:
                 "SELECT added FROM calls WHERE state = 0 ORDER BY id LIMIT 1").fetchone()
         return Stats(pending, sent, quarantined, oldest[0] if oldest else None)
 
-    def oldest_pending(self) -> float | None:
-        """time.time() when the oldest pending call was written, None if nothing waits."""
+    def oldest_pending(self, tenant: str | None = None) -> float | None:
+        """time.time() when the oldest pending call (of `tenant`, unless None) was written; None if none waits."""
         with self._lock:
-            row = self._db.execute("SELECT added FROM calls WHERE state = 0 ORDER BY id LIMIT 1").fetchone()
+            if tenant is None:
+                row = self._db.execute("SELECT added FROM calls WHERE state = 0 ORDER BY id LIMIT 1").fetchone()
+            else:
+                row = self._db.execute("SELECT added FROM calls WHERE state = 0 AND tenant = ? ORDER BY id LIMIT 1",
+                                       (tenant,)).fetchone()
         return row[0] if row else None
+
+    def pending_by_tenant(self) -> dict[str, int]:
+        """Pending calls per tenant ('' the single company): `fsbridge tenants`, `fsbridge outbox`, /metrics."""
+        with self._lock:
+            rows = self._db.execute("SELECT tenant, count(*) FROM calls WHERE state = 0 GROUP BY tenant").fetchall()
+        return dict(rows)
 
     def _moved_to_pending(self, count: int) -> None:
         self._pending += count
@@ -386,6 +408,15 @@ class Outbox:
                 call = None
             out.append(Quarantined(row, external_id, call, reason or "", since or 0.0))
         return out
+
+    def find(self, external_id: str) -> FinishedCall | None:
+        """The stored call of that id (any state), None if there is none or it cannot be read back."""
+        with self._lock:
+            row = self._db.execute("SELECT payload FROM calls WHERE external_id = ?", (external_id,)).fetchone()
+        try:
+            return decode_call(row[0]) if row else None
+        except (ValueError, TypeError):
+            return None
 
     def known(self, external_ids: Iterable[str]) -> set[str]:
         """Which of these call ids the outbox holds, whatever their state (one indexed lookup each)."""

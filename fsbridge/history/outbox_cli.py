@@ -34,7 +34,7 @@ def _age(seconds: float) -> str:
 def _zone(cfg: Any) -> datetime.tzinfo:
     try:
         return zoneinfo.ZoneInfo(cfg.crm.timezone)
-    except (AttributeError, zoneinfo.ZoneInfoNotFoundError, ValueError):
+    except (AttributeError, TypeError, zoneinfo.ZoneInfoNotFoundError, ValueError):
         return datetime.UTC
 
 
@@ -52,11 +52,14 @@ def show(cfg: Any) -> str:
     with outbox:
         stats = outbox.stats()
         quarantined = outbox.quarantined(limit=MAX_LISTED)
+        by_tenant = outbox.pending_by_tenant()
     zone = _zone(cfg)
     age = stats.oldest_pending_age()
     lines = [
         f"outbox: {path}",
         f"pending:     {stats.pending}" + (f" (oldest written {_age(age)} ago)" if age is not None else ""),
+        *(["pending by tenant: " + ", ".join(f"{t or 'default'} {n}" for t, n in sorted(by_tenant.items()))]
+          if set(by_tenant) - {""} else []),
         f"sent:        {stats.sent}",
         f"quarantined: {stats.quarantined}",
     ]

@@ -124,21 +124,37 @@ class OpenFile(Protocol):
 class FileBody:
     """`length` bytes of an open binary file from `offset`, read lazily in chunks; owns (closes) the file.
 
+    `head`, when given, stands in for the file's first len(head) bytes (a repaired WAV header: see
+    recordings.wav_header_fix); the file itself is never written.
+
     Any WSGI server can iterate it; fsbridge's own server (server.py) recognises it and sends the same
     bytes with os.sendfile instead, which is the point of returning this rather than a generator.
     """
 
-    __slots__ = ("chunk_size", "file", "length", "offset")
+    __slots__ = ("chunk_size", "file", "head", "length", "offset")
 
-    def __init__(self, file: OpenFile, offset: int, length: int, chunk_size: int = 256 * 1024) -> None:
+    def __init__(self, file: OpenFile, offset: int, length: int, chunk_size: int = 256 * 1024,
+                 head: bytes = b"") -> None:
         self.file = file
         self.offset = offset
         self.length = length
         self.chunk_size = chunk_size
+        self.head = head
+
+    def head_part(self) -> bytes:
+        """What of `head` falls within the range: it is sent first, the file from its end on."""
+        if self.offset >= len(self.head):
+            return b""
+        return self.head[self.offset:min(len(self.head), self.offset + self.length)]
 
     def __iter__(self) -> Iterator[bytes]:
         fd = self.file.fileno()
         pos, remaining = self.offset, self.length
+        if self.head:
+            part = self.head_part()
+            pos, remaining = pos + len(part), remaining - len(part)
+            if part:
+                yield part
         while remaining > 0:
             data = os.pread(fd, min(self.chunk_size, remaining), pos)
             if not data:

@@ -72,9 +72,14 @@ class RoutingHandler:
         # script falls back on any answer that is not digits, this one included.
         if normalize_phone(phone) is None:
             return Response.text(400, f"phone: expected {MIN_DIGITS} to {MAX_DIGITS} digits, optionally after +")
-        extension = self.lookup.lookup(phone)
+        lookup = self.lookup_for(request)
+        extension = lookup.lookup(phone) if lookup is not None else ""
         return Response(200, {"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-store"},
                         extension.encode("ascii"))
+
+    def lookup_for(self, request: Request) -> ManagerLookup | None:
+        """Whose CRM to ask (tenants/callbacks.py picks by the `domain` the script passes); None: nobody's."""
+        return self.lookup
 
     def _log_refusal(self, peer: str) -> None:
         # WARNING: a refusal is a misconfiguration or a probe, worth seeing once per peer, not per request.

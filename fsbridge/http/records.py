@@ -18,13 +18,14 @@ block of conf/nginx/fsbridge.conf (whose `location /records/` forwards to fsbrid
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from email.utils import formatdate, parsedate_to_datetime
 from functools import lru_cache
 from typing import Literal
 
 from fsbridge.http.app import FileBody, Request, Response, Router
 from fsbridge.record_links import PATH_PREFIX, RecordLinks, parse_path, redact_path
-from fsbridge.recordings import OpenRecording, Recordings
+from fsbridge.recordings import OpenRecording, Recordings, wav_header_fix
 
 _NUM_RE = re.compile(r"[0-9]+")
 # int() refuses strings over 4300 digits, and any offset this large is past the end of any file anyway.
@@ -106,6 +107,7 @@ class RecordsHandler:
         *,
         accel_redirect_prefix: str | None = None,
         chunk_size: int = 256 * 1024,
+        locate: Callable[[str], str | None] | None = None,
     ) -> None:
         if accel_redirect_prefix is not None and not (
             accel_redirect_prefix.startswith("/") and accel_redirect_prefix.endswith("/")
@@ -115,6 +117,9 @@ class RecordsHandler:
         self.recordings = recordings
         self.accel_redirect_prefix = accel_redirect_prefix
         self.chunk_size = chunk_size
+        # record id -> its directory under the recordings directory ("" flat), None: not to be served.
+        # Found from the call (its RECORD_STOP path), never from the URL.
+        self.locate = locate
 
     def register(self, router: Router) -> None:
         # The query is not ours: retailCRM or a player may append anything, even twice.
@@ -130,19 +135,25 @@ class RecordsHandler:
         if not self.links.verify(ref.signature, ref.record_id, ref.ext):
             return Response.text(403, "forbidden")
 
+        subdir = self.locate(ref.record_id) if self.locate is not None else ""
+        if subdir is None:
+            return Response.text(404, "not found")
         if self.accel_redirect_prefix is not None:
-            found = self.recordings.find(ref.record_id, ref.ext)
+            # nginx sends the file as it is: a WAV cut short by a FreeSWITCH crash keeps its header claiming
+            # no data here (fsbridge's own answers repair it, see wav_header_fix).
+            found = self.recordings.find(ref.record_id, ref.ext, subdir)
             if found is None:
                 return Response.text(404, "not found")
             name = f"{ref.record_id}.{found.ext}"
+            where = f"{subdir}/{name}" if subdir else name
             return Response.empty(200, {
-                "X-Accel-Redirect": f"{self.accel_redirect_prefix}{name}",
+                "X-Accel-Redirect": f"{self.accel_redirect_prefix}{where}",
                 "Content-Type": found.content_type,
                 "Content-Disposition": f'inline; filename="{name}"',
                 "Cache-Control": "private",
             })
 
-        rec = self.recordings.open(ref.record_id, ref.ext)
+        rec = self.recordings.open(ref.record_id, ref.ext, subdir)
         if rec is None:
             return Response.text(404, "not found")
         try:
@@ -169,6 +180,8 @@ class RecordsHandler:
                 "X-Content-Type-Options": "nosniff",
             }
             memo["whole"] = {**headers, "Content-Length": str(rec.size)}
+            # A recording cut short by a FreeSWITCH crash claims no data in its header: served repaired.
+            memo["head"] = wav_header_fix(rec.file.fileno(), rec.size) if rec.ext == "wav" else b""
         etag = headers["ETag"]
         hdrs = request.headers
 
@@ -196,12 +209,12 @@ class RecordsHandler:
                 "Content-Range": f"bytes */{size}", "Accept-Ranges": "bytes", "Cache-Control": "private",
             })
         if wanted is None:
-            return Response(200, dict(memo["whole"]), FileBody(rec.file, 0, size, self.chunk_size))
+            return Response(200, dict(memo["whole"]), FileBody(rec.file, 0, size, self.chunk_size, memo["head"]))
         first, last = wanted
         length = last - first + 1
         return Response(206, {**headers, "Content-Length": str(length),
                               "Content-Range": f"bytes {first}-{last}/{size}"},
-                        FileBody(rec.file, first, length, self.chunk_size))
+                        FileBody(rec.file, first, length, self.chunk_size, memo["head"]))
 
     @staticmethod
     def _if_range_holds(value: str, etag: str, rec: OpenRecording) -> bool:

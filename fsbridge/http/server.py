@@ -386,6 +386,11 @@ class _Connection:
             out = self.sock.fileno()
             fd = body.file.fileno()
             offset, remaining = body.offset, body.length
+            if body.head:
+                part = body.head_part()
+                if part:
+                    self._send(part, _MSG_MORE if remaining > len(part) else 0)
+                offset, remaining = offset + len(part), remaining - len(part)
             since_yield = 0
             while remaining > 0:
                 try:

@@ -3,7 +3,9 @@ fsbridge_route.lua: ring the caller's responsible manager (from retailCRM, throu
 back to a ring group / queue / operator when there is none, when fsbridge is slow or down, or when the
 manager does not answer. Install into FreeSWITCH's scripts directory; dialplan/fsbridge_inbound.xml runs it.
 
-  GET <fsbridge_url>?phone=<caller id, URL-encoded>  ->  200 "100" (an extension) or 200 "" (nobody)
+  GET <fsbridge_url>?phone=<caller id>[&domain=<${domain_name}>]  ->  200 "100" (an extension) or 200 ""
+  (nobody). The domain tells a virtual PBX's fsbridge (tenants_dir) whose retailCRM to ask; fsbridge with
+  one company ignores it.
 
 The lookup blocks this channel's thread, so it has a connect timeout and a total timeout, and any answer
 that is not 200 with 1-16 digits (an error page, a timeout, garbage) means the fallback. fsbridge answers
@@ -158,6 +160,7 @@ end
 function M.lookup(phone, opts)
   if not phone or phone == "" then return nil, "no caller number" end
   local url = opts.url .. (string.find(opts.url, "?", 1, true) and "&" or "?") .. "phone=" .. M.urlencode(phone)
+  if opts.domain then url = url .. "&domain=" .. M.urlencode(opts.domain) end
   local fetch
   if opts.transport == "socket" or (opts.transport ~= "curl" and socket_available()) then
     fetch = fetch_socket
@@ -199,6 +202,7 @@ local function options(get)
     dial = get("fsbridge_dial") or d.dial,
     ring_timeout = number(get("fsbridge_ring_timeout"), d.ring_timeout),
     transport = get("fsbridge_transport") or d.transport,
+    domain = get("domain_name"),  -- the call's FreeSWITCH domain: FusionPBX sets it in the domain's context
   }
 end
 

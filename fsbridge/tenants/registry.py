@@ -1,0 +1,244 @@
+"""The running companies: found by name (a call's tenant), by clientId (retailCRM's callbacks) and by
+domain (the dialplan's routing lookup); rebuilt from the tenant files on `fsbridge reload` / SIGHUP.
+
+clientId lookup: each company is filed under an HMAC-SHA256 of its clientId with a key drawn at start, and
+the presented clientId is hashed the same way: one dict lookup, then one constant-time comparison with the
+secret of the company found. Nothing compares the presented value with every tenant's secret, so response
+times say nothing about anybody's secret (the dict sees only digests an attacker cannot steer).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+from collections.abc import Callable, Iterator
+
+import gevent
+
+from fsbridge import logs
+from fsbridge.calls.legs import Directory
+from fsbridge.calls.model import CallEvent, FinishedCall
+from fsbridge.calls.tracker import CallTracker
+from fsbridge.config import Config
+from fsbridge.crm.client import RetailCRM
+from fsbridge.esl.listener import EventListener
+from fsbridge.history.outbox import Outbox
+from fsbridge.http.app import Request, Response, Router
+from fsbridge.http.lookup import RoutingHandler
+from fsbridge.http.make_call import DEFAULT_PATH as MAKE_CALL_PATH
+from fsbridge.http.status import DEFAULT_PATH as STATUS_PATH
+from fsbridge.originate import ClickWatch
+from fsbridge.record_links import RecordLinks
+from fsbridge.recordings import Recordings
+from fsbridge.routing import ManagerLookup
+from fsbridge.tenants.attribution import Attribution
+from fsbridge.tenants.company import Company
+from fsbridge.tenants.settings import IMPLICIT, Tenant, load_all
+
+log = logging.getLogger("fsbridge.tenants")
+
+
+class Companies:
+    def __init__(self, cfg: Config, *, outbox: Outbox, links: RecordLinks,
+                 observe_crm: Callable[[Company, str, str, int | None, float], None] | None = None) -> None:
+        self.cfg = cfg
+        self.outbox = outbox
+        self.links = links
+        self.observe_crm = observe_crm
+        self.watch = ClickWatch()
+        loaded = load_all(cfg)
+        for problem in loaded.errors.values():
+            # At start-up a broken file stops nothing but its own tenant.
+            log.error("tenant refused: %s", problem)
+        self.errors = dict(loaded.errors)
+        self.tenants: dict[str, Tenant] = loaded.tenants
+        self.by_name: dict[str, Company] = {}
+        self._key = os.urandom(32)
+        self._by_client: dict[bytes, Company] = {}
+        self._by_domain: dict[str, Company] = {}
+        self.directory: Directory | Attribution = self._directory()
+        self._listener: EventListener | None = None
+        self._tracker: CallTracker | None = None
+        self.started = False
+
+    @property
+    def single(self) -> bool:
+        """The single-company setup (no tenants_dir): one implicit tenant, every domain its."""
+        return self.cfg.tenants_dir is None
+
+    def _directory(self) -> Directory | Attribution:
+        if self.single:
+            return Directory.from_config(self.cfg)
+        return Attribution(self.tenants.values(), self.cfg.trunks)
+
+    def build(self, listener: EventListener, tracker: CallTracker, crm: RetailCRM | None = None) -> None:
+        """Create every company (not started). `crm`: the single company's client (tests)."""
+        self._listener, self._tracker = listener, tracker
+        for tenant in self.tenants.values():
+            self.by_name[tenant.name] = self._company(tenant, crm if tenant.name == IMPLICIT else None)
+        self._index()
+
+    def _company(self, tenant: Tenant, crm: RetailCRM | None = None) -> Company:
+        assert self._listener is not None and self._tracker is not None
+        return Company(tenant, outbox=self.outbox, links=self.links, listener=self._listener,
+                       tracker=self._tracker, watch=self.watch, observe_crm=self.observe_crm, crm=crm)
+
+    def _index(self) -> None:
+        self._by_client = {self._digest(c.cfg.integration.client_id): c for c in self.by_name.values()}
+        self._by_domain = {d: c for c in self.by_name.values() for d in c.tenant.domains}
+
+    def _digest(self, client_id: str) -> bytes:
+        return hmac.new(self._key, client_id.encode("utf-8", "surrogateescape"), hashlib.sha256).digest()
+
+    def __iter__(self) -> Iterator[Company]:
+        return iter(list(self.by_name.values()))
+
+    def __len__(self) -> int:
+        return len(self.by_name)
+
+    def get(self, tenant: str | None) -> Company | None:
+        return None if tenant is None else self.by_name.get(tenant)
+
+    def by_client_id(self, given: str) -> Company | None:
+        company = self._by_client.get(self._digest(given)) if given else None
+        if company is None or not hmac.compare_digest(given.encode("utf-8", "surrogateescape"),
+                                                      company.cfg.integration.client_id.encode()):
+            return None
+        return company
+
+    def for_domain(self, domain: str | None) -> Company | None:
+        if self.single:
+            return self.by_name.get(IMPLICIT)
+        return self._by_domain.get((domain or "").strip().lower().rstrip("."))
+
+    def recording_subdir(self, call: FinishedCall, recordings: Recordings) -> str | None:
+        """Where a call's recording is under records.dir: "" for the directory itself (also for a path that
+        is not under it: only the allow-listed uuid is used then, as always), the directory its RECORD_STOP
+        path names (FusionPBX: <domain>/archive/<YYYY>/<Mon>/<DD>), or None when that directory belongs to
+        another tenant's domain: a link then resolves to no file at all."""
+        subdir = recordings.subdir_of(call.recording_path)
+        if not subdir:
+            return ""
+        if self.single:
+            return subdir
+        company = self.get(call.tenant)
+        return subdir if company is not None and subdir.split("/", 1)[0] in company.tenant.domains else None
+
+    # -- the ESL reading path: enqueue only --
+
+    def card(self, event: CallEvent) -> None:
+        company = self.by_name.get(event.tenant)
+        if company is not None:
+            company.cards.submit(event)
+
+    def finished(self, call: FinishedCall) -> None:
+        company = self.by_name.get(call.tenant)
+        if company is not None:
+            company.finished(call)
+            return
+        # Its tenant was removed while the call went on: the call is kept (`fsbridge outbox` shows it) and
+        # goes out if the tenant comes back.
+        try:
+            self.outbox.add(call)
+        except Exception as exc:
+            log.error("cannot keep call %s of removed tenant %s in the outbox: %s", call.call_id, call.tenant, exc)
+        else:
+            log.warning("call %s belongs to tenant %s, which is no longer configured: kept in the outbox",
+                        call.call_id, call.tenant)
+
+    # -- lifecycle --
+
+    def start(self) -> None:
+        for company in self:
+            company.start()
+        self.started = True
+
+    def stop(self, timeout: float) -> None:
+        companies = list(self)
+        if not companies:
+            return
+        # Together, not one after the other: a thousand tenants share the same few seconds.
+        gevent.joinall([gevent.spawn(c.stop, timeout) for c in companies], timeout=timeout + 2.0)
+
+    def reload(self) -> dict[str, str]:
+        """Apply added, changed and removed tenant files; returns the refusals (tenant -> one line).
+
+        Nothing yields between reading the files and the swap, so no event is handled half under the old
+        and half under the new set. A call in progress keeps the directory it was attributed with (the
+        managers and DIDs it started with); its cards and history go to its tenant's current company."""
+        if self.single:
+            return {}
+        loaded = load_all(self.cfg, keep=self.tenants)
+        for name, problem in loaded.errors.items():
+            if self.errors.get(name) != problem:
+                log.error("tenant %s: %s%s", name, problem,
+                          "; it keeps its last good settings" if name in loaded.tenants else "")
+        retired: list[Company] = []
+        by_name: dict[str, Company] = {}
+        for name, tenant in loaded.tenants.items():
+            current = self.by_name.get(name)
+            if current is not None and current.tenant is tenant:
+                by_name[name] = current
+                continue
+            logs.add_secrets((tenant.cfg.crm.api_key, tenant.cfg.integration.client_id))
+            company = self._company(tenant)
+            if self.started:
+                company.start()
+            by_name[name] = company
+            if current is not None:
+                retired.append(current)
+            log.info("tenant %s %s", tenant.label, "changed" if current is not None else "added")
+        for name, company in self.by_name.items():
+            if name not in by_name:
+                retired.append(company)
+                log.info("tenant %s removed; its calls still in the outbox stay there", company.tenant.label)
+        self.tenants, self.by_name, self.errors = loaded.tenants, by_name, dict(loaded.errors)
+        self.directory = self._directory()
+        if self._tracker is not None:
+            self._tracker.directory = self.directory
+        self._index()
+        if retired:
+            # One after the other, in the background: their cards in flight and history batches finish
+            # meanwhile, and a thousand retired companies do not all wake at once.
+            gevent.spawn(_retire, retired)
+        return dict(loaded.errors)
+
+
+def _retire(companies: list[Company]) -> None:
+    for company in companies:
+        company.stop(5.0)
+
+
+class ByClientId:
+    """A retailCRM callback (make-call, status) handed to the company whose clientId it carries; 403 else."""
+
+    def __init__(self, companies: Companies, handler: Callable[[Company], Callable[[Request], Response]]) -> None:
+        self.companies = companies
+        self.handler = handler
+
+    def __call__(self, request: Request) -> Response:
+        company = self.companies.by_client_id(request.query.get("clientId", ""))
+        if company is None:
+            return Response.text(403, "forbidden")
+        return self.handler(company)(request)
+
+
+class TenantRoutingHandler(RoutingHandler):
+    """GET /routing/manager?phone=..&domain=..: the Lua script passes the call's ${domain_name}; that
+    domain's company answers (the single company answers whatever the domain)."""
+
+    def __init__(self, companies: Companies, allow_from: list[str]) -> None:
+        super().__init__(None, allow_from=allow_from)  # type: ignore[arg-type]
+        self.companies = companies
+
+    def lookup_for(self, request: Request) -> ManagerLookup | None:
+        company = self.companies.for_domain(request.query.get("domain"))
+        return None if company is None else company.lookup
+
+
+def register_callbacks(router: Router, companies: Companies) -> None:
+    """retailCRM's callbacks, as http/status.py and http/make_call.py register them for one company."""
+    router.add({"GET"}, STATUS_PATH, ByClientId(companies, lambda c: c.status_handler))
+    router.add({"GET"}, MAKE_CALL_PATH, ByClientId(companies, lambda c: c.make_call_handler), literal_plus=("phone",))
