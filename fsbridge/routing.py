@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import gevent
 from gevent.event import AsyncResult
 
-from fsbridge.crm.errors import CRMError
+from fsbridge.crm.errors import CRMAuthError, CRMError, CRMRejected
 
 log = logging.getLogger("fsbridge.routing")
 
@@ -231,6 +231,12 @@ class ManagerLookup:
                 )
         except _Deadline:
             raise _Failed(f"retailCRM did not name a manager within {self.timeout:g} s") from None
+        except CRMRejected as exc:
+            if isinstance(exc, CRMAuthError):
+                raise _Failed(str(exc)) from None   # the key: every lookup would fail alike
+            # About this number only (the CRM refused it): nobody for this caller, the CRM is fine.
+            log.debug("retailCRM refused the lookup of one number: %s", exc)
+            return None
         except CRMError as exc:
             raise _Failed(str(exc)) from None
         if manager is None:

@@ -222,12 +222,16 @@ class Bridge:
         self._after_history(call)
 
     def _after_history(self, call: FinishedCall) -> None:
-        if self.cfg.records.prefer_mp3 and has_talk_recording(call):
-            ref = record_id_of(call.recording_path or "")
-            subdir = self.companies.recording_subdir(call, self.recordings)
-            if ref is not None and ref[1] == "wav" and subdir is not None:
-                # Rebuilt from the allow-listed id and directory: the header's own path never reaches the encoder.
-                self._encoders.spawn(self._to_mp3, self.recordings.wav_path(ref[0], subdir))
+        ref = record_id_of(call.recording_path or "")
+        subdir = self.companies.recording_subdir(call, self.recordings) if ref is not None else None
+        if ref is not None and subdir:
+            # Its link outlives the call's row in the outbox (purged after keep_sent_days): where it lies is
+            # kept apart. The flat layout needs nothing kept.
+            self.outbox.remember_record_dir(ref[0], subdir)
+        if (self.cfg.records.prefer_mp3 and has_talk_recording(call) and ref is not None and ref[1] == "wav"
+                and subdir is not None):
+            # Rebuilt from the allow-listed id and directory: the header's own path never reaches the encoder.
+            self._encoders.spawn(self._to_mp3, self.recordings.wav_path(ref[0], subdir))
         if self.observer is not None:
             self.observer(call)
 
@@ -236,12 +240,14 @@ class Bridge:
         known = self._located.get(record_id, False)
         if known is not False:
             return known  # type: ignore[return-value]
-        call = self.outbox.find(record_id)
-        if call is None:
-            return ""   # no call of that id (yet): the flat <records.dir>/<uuid>.<ext>
+        kept = self.outbox.record_dir(record_id)
+        call = self.outbox.find(record_id) if kept is None else None
+        if kept is None and call is None:
+            return ""   # no call of that id (yet), or its row purged: the flat <records.dir>/<uuid>.<ext>
         if len(self._located) >= 4096:
             self._located.clear()
-        subdir = self._located[record_id] = self.companies.recording_subdir(call, self.recordings)
+        subdir = kept if call is None else self.companies.recording_subdir(call, self.recordings)
+        self._located[record_id] = subdir
         return subdir
 
     def _to_mp3(self, wav: Path) -> None:

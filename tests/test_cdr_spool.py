@@ -416,3 +416,56 @@ def test_calls_ending_while_the_process_is_down_reach_the_history_once(how, tmp_
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
+
+
+def _spool(spool_dir: Path, ledger: Path, sink: ListSink, **kw: object):
+    from fsbridge.calls.cdr_spool import CdrSpool
+
+    return CdrSpool(spool_dir, ledger, DIRECTORY, sink, records_dir=RECORDS, live=lambda uuid: False,
+                    view_ready=lambda: True, grace=0.0, **kw)
+
+
+def test_a_document_of_an_odd_shape_is_set_aside_and_the_others_are_still_recovered(tmp_path) -> None:
+    spool_dir = tmp_path / "json_cdr"
+    spool_dir.mkdir()
+    before = write_cdr_pairs(spool_dir, [int((time.time() - 3600) * 1e6)])
+    sample = json.loads((JSON_CDR_DIR / "31ff8abf-a4ac-4f83-a050-5a0db45e0c55.cdr.json").read_text())
+    odd = {
+        # channel_data not an object, and no direction among the variables to take first
+        "0b8c1a3e-0000-4000-8000-00000000000a": {**sample, "channel_data": "x", "variables": {
+            k: v for k, v in sample["variables"].items() if k != "direction"}},
+        # a "digit" int() refuses
+        "0b8c1a3e-0000-4000-8000-00000000000b": {**sample, "variables": {**sample["variables"],
+                                                                         "record_ms": "²", "start_epoch": "²"}},
+    }
+    for uuid, doc in odd.items():
+        (spool_dir / f"{uuid}.cdr.json").write_text(json.dumps(doc).replace(sample["variables"]["uuid"], uuid)
+                                                    + "\n")
+    (spool_dir / "0b8c1a3e-0000-4000-8000-00000000000c.cdr.json").write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    after = write_cdr_pairs(spool_dir, [int((time.time() - 1800) * 1e6)])
+    sink = ListSink()
+    spool = _spool(spool_dir, tmp_path / "ledger.sqlite3", sink)
+    spool.reconcile()
+    assert {a for a, _ in before + after} <= set(sink.calls), "the good documents' calls are recovered"
+    assert spool.stats.unreadable >= 1
+    again = _spool(spool_dir, tmp_path / "ledger.sqlite3", ListSink())
+    again.reconcile()
+    assert again.stats.reads == 0, "every document is accounted for, the odd ones set aside"
+    assert all((spool_dir / f"{uuid}.cdr.json").exists() for uuid in odd), "never deleted"
+
+
+def test_cleanup_gets_past_old_documents_it_keeps(tmp_path) -> None:
+    spool_dir = tmp_path / "json_cdr"
+    spool_dir.mkdir()
+    junk = spool_dir / "0b8c1a3e-0000-4000-8000-000000000001.cdr.json"
+    junk.write_text('{"not": "a cdr"}\n')     # unreadable, and older than everything: the first row of a page
+    os.utime(junk, (time.time() - 40 * 86400,) * 2)
+    pairs = write_cdr_pairs(spool_dir, [int((time.time() - 10 * 86400 + n) * 1e6) for n in range(400)])
+    sink = ListSink()
+    spool = _spool(spool_dir, tmp_path / "ledger.sqlite3", sink, keep_days=3)
+    spool.reconcile()
+    assert len(sink.calls) == 400
+    spool.cleanup()
+    assert not any((spool_dir / f"{a}.cdr.json").exists() or (spool_dir / f"{b}.cdr.json").exists()
+                   for a, b in pairs), "all 800 accounted documents deleted in one cleanup"
+    assert junk.exists()

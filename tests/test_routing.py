@@ -267,6 +267,17 @@ def test_after_failures_the_crm_is_left_alone_for_a_while_then_asked_again(
         assert len(app.crm_lookups()) == 4
 
 
+def test_a_number_the_crm_refuses_is_nobody_for_that_caller_and_trips_no_breaker(
+        fake_crm: FakeRetailCRM, tmp_path: Path) -> None:
+    fake_crm.managers_by_phone[PHONE] = dict(JOHN)
+    fake_crm.refused_phones.add("79990000001")
+    with running(fake_crm, tmp_path, timeout=1.0, breaker=5.0) as app:
+        assert app.ask("+79990000001").text == ""
+        # The next caller is still looked up at once: one odd number is not a CRM outage.
+        assert app.ask().text == "100"
+        assert app.lookup.stats.skipped == 0
+
+
 def test_the_phone_number_is_not_logged_at_info(app: App, caplog: pytest.LogCaptureFixture) -> None:
     app.crm.outage = "html503"
     with caplog.at_level(logging.INFO):

@@ -479,6 +479,18 @@ def test_record_links_resolve_in_fusionpbx_layout_to_that_tenants_calls_only(tmp
         assert got["acme"].content == sample
         # The link is the same shape as ever: nothing in it names a directory.
         assert bridge.links.path(ids["acme"]).count("/") == 3
+
+        # Links never expire: once the calls are delivered and purged from the outbox (keep_sent_days), and
+        # fsbridge restarted (nothing remembered in memory), the file is still found, and still only its own.
+        outbox = bridge.outbox
+        with outbox._lock:
+            outbox._db.execute("UPDATE calls SET state = 1, updated = 0")
+        assert outbox.purge_sent(older_than=0) == len(ids)
+        assert all(outbox.find(i) is None for i in ids.values())
+        bridge._located.clear()
+        again = {name: requests.get(base_url(bridge) + bridge.links.path(ids[name]), timeout=5).status_code
+                 for name in ids}
+        assert again == {"acme": 200, "beta": 200, "forged": 404, "flat": 200}
     finally:
         bridge.stop()
 

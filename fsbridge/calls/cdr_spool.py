@@ -107,9 +107,14 @@ def _str(value: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
+def _digits(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes '²' and other characters int() refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def _us(value: Any) -> int:
     text = _str(value)
-    return int(text) if text.isdigit() else 0
+    return int(text) if _digits(text) else 0
 
 
 def parse_document(text: str, name: str, records_dir: Path | None, mtime: float = 0.0) -> LegRecord:
@@ -133,6 +138,8 @@ def parse_document(text: str, name: str, records_dir: Path | None, mtime: float 
         value = _str(raw_vars.get(key))
         return unquote(value) if encoded and "%" in value else value
 
+    channel_data = doc.get("channel_data")
+    channel_data = channel_data if isinstance(channel_data, dict) else {}
     flows = [f for f in doc.get("callflow") or [] if isinstance(f, dict)]
     # callflow[0] is the channel's current profile, the last one its first: events at creation carried that.
     profile = flows[-1].get("caller_profile") if flows else None
@@ -162,7 +169,7 @@ def parse_document(text: str, name: str, records_dir: Path | None, mtime: float 
 
     headers = {
         "Unique-ID": uuid,
-        "Call-Direction": var("direction") or _str((doc.get("channel_data") or {}).get("direction")),
+        "Call-Direction": var("direction") or _str(channel_data.get("direction")),
         "Caller-Caller-ID-Number": _str(profile.get("caller_id_number")),
         "Caller-Destination-Number": _str(profile.get("destination_number")),
         "Caller-Username": _str(profile.get("username")),
@@ -199,9 +206,9 @@ def parse_document(text: str, name: str, records_dir: Path | None, mtime: float 
         headers["Other-Leg-Unique-ID"] = originator
     refs.discard(uuid)
     ms = var("record_ms")
-    if not ms.isdigit():
+    if not _digits(ms):
         seconds = var("record_seconds")
-        ms = str(int(seconds) * 1000) if seconds.isdigit() else ""
+        ms = str(int(seconds) * 1000) if _digits(seconds) else ""
     return LegRecord(name=name, uuid=uuid, headers=headers, refs=frozenset(refs), created_us=created,
                      rang_us=rang, bridged_us=bridged if partner else 0, partner=partner, end_us=end,
                      cause=var("hangup_cause"), record_path=_record_path(doc, var, records_dir),
@@ -306,9 +313,13 @@ class Ledger:
                 return str(row[0])
         return None
 
-    def older_than(self, mtime: float, limit: int) -> list[tuple[str, int]]:
-        return self._db.execute("SELECT name, state FROM docs WHERE mtime < ? ORDER BY mtime LIMIT ?",
-                                (mtime, limit)).fetchall()
+    def older_than(self, mtime: float, limit: int, after: tuple[float, str] = (float("-inf"), "")
+                   ) -> list[tuple[str, int, float]]:
+        """Rows older than `mtime`, in (mtime, name) order from just past `after`: pages that move on past rows
+        kept, instead of finding the same ones again."""
+        return self._db.execute(
+            "SELECT name, state, mtime FROM docs WHERE mtime < ? AND (mtime > ? OR (mtime = ? AND name > ?)) "
+            "ORDER BY mtime, name LIMIT ?", (mtime, after[0], after[0], after[1], limit)).fetchall()
 
     def forget(self, names: list[str]) -> None:
         if names:
@@ -373,6 +384,7 @@ class CdrSpool:
         self._next_cleanup = 0.0
         self._said: set[str] = set()                 # problems already logged once
         self._dir_mtime: int | None = None
+        self._listed_at = 0.0
         self._waiting = False
 
     # -- from the live path (the ESL reading path: memory only) --
@@ -412,11 +424,15 @@ class CdrSpool:
 
     def _run(self) -> None:
         while True:
-            try:
-                self.reconcile()
-                self.cleanup()
-            except Exception:
-                log.exception("CDR reconciliation failed; retrying in %.0f s", self.poll_interval)
+            # Apart: a failing pass must not stop the cleanup, nor the cleanup the passes.
+            for step in (self.reconcile, self.cleanup):
+                try:
+                    step()
+                except Exception as exc:
+                    self._say_once(f"{step.__name__}:{type(exc).__name__}",
+                                   f"CDR {step.__name__} failed ({type(exc).__name__}: {exc}); retrying every "
+                                   f"{self.poll_interval:.0f} s", logging.ERROR)
+                    log.debug("CDR %s failed", step.__name__, exc_info=True)
             self._wake.clear()
             self._wake.wait(self.poll_interval)
 
@@ -472,7 +488,10 @@ class CdrSpool:
             self._say_once("dir", f"cannot read the CDR directory {self.dir} ({exc}); calls that end while "
                                   "fsbridge is away cannot be recovered until it can", logging.ERROR)
             return None
-        if st.st_mtime_ns == self._dir_mtime and not self._waiting and not self._gap_calls:
+        # A directory's mtime moves in clock ticks: a document created in the same tick as the last listing
+        # leaves it unchanged. So the shortcut holds for a minute at most.
+        if (st.st_mtime_ns == self._dir_mtime and not self._waiting and not self._gap_calls
+                and time.monotonic() - self._listed_at < 60.0):
             return []
         accounted = self._accounted
 
@@ -487,6 +506,7 @@ class CdrSpool:
         self._said.discard("dir")
         # Unchanged since and nothing left unaccounted: nothing new to see at the next pass.
         self._dir_mtime = st.st_mtime_ns
+        self._listed_at = time.monotonic()
         self._waiting = bool(names)
         return names
 
@@ -519,6 +539,8 @@ class CdrSpool:
                 leg, reason = None, "never finished (no final newline or not JSON)"
             except CdrError as exc:
                 leg, reason = None, str(exc)
+            except Exception as exc:   # RecursionError, an odd shape: this document, not the whole spool
+                leg, reason = None, f"cannot be read as one ({type(exc).__name__})"
         if leg is None:
             # Kept on disk (fsbridge deletes only what it accounted for), never read again.
             log.warning("CDR %s is not a usable mod_json_cdr document (%s); left in place", name, reason)
@@ -678,12 +700,15 @@ class CdrSpool:
         self._next_cleanup = time.monotonic() + 3600.0
         age = max(self.keep_days, 1) * 86400.0
         deleted = 0
+        after: tuple[float, str] = (float("-inf"), "")
         while True:
-            rows = self.ledger.older_than(now - age, 500)
+            rows = self.ledger.older_than(now - age, 500, after)
             if not rows:
                 break
+            after = (rows[-1][2], rows[-1][0])
             gone: list[str] = []
-            for name, state in rows:
+            stuck = False
+            for name, state, _mtime in rows:
                 path = self.dir / name
                 if self.keep_days and state != UNREADABLE:
                     try:
@@ -695,18 +720,18 @@ class CdrSpool:
                         self._say_once("unlink", f"cannot delete accounted CDR documents in {self.dir} ({exc}); "
                                        "give fsbridge write access to it, or set freeswitch.cdr_keep_days: 0 "
                                        "and clean it yourself", logging.WARNING)
-                        self.ledger.forget(gone)
-                        return deleted
+                        stuck = True
+                        break
                 elif path.exists():
                     continue    # kept: its ledger row keeps it from being read again
                 gone.append(name)
             self.ledger.forget(gone)
             for name in gone:
                 self._accounted.discard(name)
-            self.stats.deleted += deleted
-            if len(gone) < len(rows):
+            if stuck or len(rows) < 500:
                 break
             give_way()
+        self.stats.deleted += deleted
         return deleted
 
     def _say_once(self, key: str, message: str, level: int) -> None:

@@ -265,7 +265,7 @@ class Transport:
         if limit is not None:
             connect_timeout = min(connect_timeout, limit - time.monotonic())
             if connect_timeout <= 0:
-                raise ReadTimeout("no time left to connect before the deadline")
+                raise ConnectTimeout("no time left to connect before the deadline")  # nothing was sent
         return self._connect(connect_timeout)
 
     def _connect(self, timeout: float) -> _Connection:
@@ -525,6 +525,12 @@ class RequestsTransport:
         except requests.Timeout as exc:
             raise ReadTimeout(f"no reply within {read_timeout:.1f} s") from exc
         except requests.RequestException as exc:
-            raise ConnectionFailed(describe(exc)) from exc
+            reason = describe(exc)
+            if method not in _IDEMPOTENT and not isinstance(
+                    _root_cause(exc), ConnectionRefusedError | socket.gaierror) and not isinstance(
+                    exc, requests.exceptions.ProxyError):
+                # requests cannot say whether any byte left: past the connect, the server may have acted on it.
+                raise NoReply(reason) from exc
+            raise ConnectionFailed(reason) from exc
         return Reply(response.status_code, {k.lower(): v for k, v in response.headers.items()}, response.content)
 

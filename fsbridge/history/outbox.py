@@ -45,7 +45,7 @@ from fsbridge.calls.model import FinishedCall
 
 PENDING, SENT, QUARANTINED = 0, 1, 2
 STATE_NAMES = {PENDING: "pending", SENT: "sent", QUARANTINED: "quarantined"}
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 log = logging.getLogger("fsbridge.history")
 MAX_REASON = 1000
@@ -71,6 +71,15 @@ CREATE INDEX IF NOT EXISTS calls_quarantined ON calls(updated) WHERE state = 2;
 _TENANTS = """
 ALTER TABLE calls ADD COLUMN tenant TEXT NOT NULL DEFAULT '';
 CREATE INDEX IF NOT EXISTS calls_pending_tenant ON calls(tenant, id) WHERE state = 0;
+"""
+# Schema 3: where a recording lies under records.dir when not at its top (FusionPBX's per-domain archive).
+# Record links never expire, and delivered calls are purged after history.keep_sent_days: this table is
+# not purged (a few dozen bytes a recorded call), so a link keeps finding its file.
+_RECORD_DIRS = """
+CREATE TABLE IF NOT EXISTS record_dirs (
+    record_id TEXT PRIMARY KEY,
+    subdir    TEXT NOT NULL
+) WITHOUT ROWID;
 """
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(FinishedCall))
@@ -167,9 +176,8 @@ class Outbox:
             if version < SCHEMA_VERSION:
                 # One script, one transaction: two fsbridge processes starting together cannot both
                 # half-create the schema.
-                self._db.executescript(
-                    f"BEGIN IMMEDIATE;{_SCHEMA if version < 1 else ''}{_TENANTS}"
-                    f"PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
+                steps = (_SCHEMA if version < 1 else "") + (_TENANTS if version < 2 else "") + _RECORD_DIRS
+                self._db.executescript(f"BEGIN IMMEDIATE;{steps}PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
         except sqlite3.DatabaseError as exc:
             raise OutboxError(f"cannot open the outbox {self.path}: {exc}") from None
         self._lock = threading.Lock()
@@ -417,6 +425,18 @@ class Outbox:
             return decode_call(row[0]) if row else None
         except (ValueError, TypeError):
             return None
+
+    def remember_record_dir(self, record_id: str, subdir: str) -> None:
+        """Where the recording `record_id` lies under records.dir (checked by the caller): kept for good."""
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO record_dirs (record_id, subdir) VALUES (?, ?)",
+                             (record_id, subdir))
+
+    def record_dir(self, record_id: str) -> str | None:
+        """What remember_record_dir() kept for `record_id`, None if nothing."""
+        with self._lock:
+            row = self._db.execute("SELECT subdir FROM record_dirs WHERE record_id = ?", (record_id,)).fetchone()
+        return row[0] if row else None
 
     def known(self, external_ids: Iterable[str]) -> set[str]:
         """Which of these call ids the outbox holds, whatever their state (one indexed lookup each)."""

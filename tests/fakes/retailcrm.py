@@ -235,6 +235,7 @@ class FakeRetailCRM:
         self.on_request: Callable[[RecordedRequest], None] | None = None  # after each reply (the command line prints)
         self.rate_limited = 0
         self.managers_by_phone: dict[str, dict[str, Any] | None] = {}
+        self.refused_phones: set[str] = set()   # digits of numbers the manager lookup answers 400 for
         self.customers_by_phone: dict[str, dict[str, Any]] = {}
         # Manager id -> status; managers not listed are "free".
         self.manager_status: dict[int, str] = {}
@@ -607,6 +608,8 @@ class FakeRetailCRM:
             gevent.sleep(self.manager_latency)
 
         wanted = _digits(phone)
+        if wanted in self.refused_phones:
+            raise _Invalid(ENTITY_FORMAT, {"phone": INVALID})
         listed = next((p for p in self.managers_by_phone if _digits(p) == wanted), None)
         manager = self.managers_by_phone[listed] if listed is not None else None
         if (
