@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from fsbridge.activity import DEFAULT_PATH as ACTIVITY_PATH
 from fsbridge.config import Config
 from fsbridge.crm.client import RetailCRM
 from fsbridge.crm.errors import CRMAuthError, CRMError, CRMRejected
@@ -34,6 +35,7 @@ _SOURCES = {
     "baseUrl": "integration.public_url",
     "clientId": "integration.client_id",
     "accountUrl": "integration.public_url",
+    "actions": None,
     "makeCallUrl": "integration.public_url",
     "changeUserStatusUrl": "integration.public_url",
     "additionalCodes": "managers",
@@ -56,6 +58,8 @@ def build_module(cfg: Config) -> dict[str, Any]:
         "baseUrl": base,
         "clientId": cfg.integration.client_id,
         "accountUrl": base + "/",
+        # Relative to baseUrl: where retailCRM says the module was deactivated, frozen or activated.
+        "actions": {"activity": ACTIVITY_PATH},
         "integrations": {
             "telephony": {
                 "makeCallUrl": base + MAKE_CALL_PATH,
@@ -147,6 +151,8 @@ def info(cfg: Config, crm: RetailCRM | None = None) -> str:
             client.close()
 
     state = "active" if stored.get("active") is True else "NOT active"
+    if stored.get("freeze") is True:
+        state += " and FROZEN (fsbridge sends no cards; the history waits)"
     lines = [f"integration module {code!r} in {cfg.crm.url}: {state}, name {stored.get('name')!r}"]
     diffs = differences(wanted, stored)
     if diffs:

@@ -348,7 +348,8 @@ def test_module_reports_unknown_users_and_sites(fake: FakeRetailCRM) -> None:
         (module(active=None), "active", "This value should not be blank."),
         (module(active="1"), "active", "This value is not valid."),
         (module(code="other"), "code", None),
-        (module(actions={"activity": "/activity"}), "actions", None),
+        (module(actions={"other": "/other"}), "actions", None),
+        (module(actions={"activity": ""}), "actions[activity]", None),
         (module(settings={}), "settings", None),
     ],
 )

@@ -31,6 +31,7 @@ def test_the_module_is_built_from_the_config_in_the_shape_of_the_docs(make_confi
         "code": "fsbridge", "active": True, "name": "Офис АТС",
         "logo": "https://pbx.example.com/logo.svg",
         "baseUrl": "https://pbx.example.com", "clientId": CLIENT_ID, "accountUrl": "https://pbx.example.com/",
+        "actions": {"activity": "/retailcrm/activity"},
         "integrations": {"telephony": {
             "makeCallUrl": "https://pbx.example.com/retailcrm/make-call",
             "changeUserStatusUrl": "https://pbx.example.com/retailcrm/status",

@@ -19,6 +19,7 @@ import itertools
 import logging
 import time
 import zlib
+from collections.abc import Callable
 
 import gevent
 import gevent.event
@@ -77,6 +78,9 @@ class CardSender:
         self.sent = 0
         self.dropped_stale = 0
         self.dropped_full = 0
+        # While retailCRM has the module deactivated or frozen (activity.py): cards are dropped, counted here.
+        self.paused: Callable[[], bool] = lambda: False
+        self.dropped_inactive = 0
         self.rejected = 0
         self.not_exist_codes: set[str] = set()
         self._last_stale_log = -1e9
@@ -96,6 +100,9 @@ class CardSender:
 
     def submit(self, event: CallEvent) -> None:
         """Never blocks: the caller is the ESL reader."""
+        if self.paused():
+            self.dropped_inactive += 1
+            return
         queue = self.queues[zlib.crc32(event.call_id.encode()) % len(self.queues)]
         if queue.put(next(self._seq), event) is not None:
             self.dropped_full += 1

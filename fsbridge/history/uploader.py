@@ -20,7 +20,7 @@ import logging
 import re
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -163,6 +163,8 @@ class Uploader:
         self._waiting_said = False
         self._last_failure = ""
         self._sent_at_wait = 0
+        # While retailCRM has the module deactivated or frozen (activity.py): calls wait in the outbox.
+        self.paused: Callable[[], bool] = lambda: False
 
     # -- the ESL side ----------------------------------------------------------------------------
 
@@ -264,6 +266,8 @@ class Uploader:
         """Send everything pending now, `concurrency` batches at a time; returns calls settled."""
         self._flush_unwritten()
         self._purge()
+        if self.paused():
+            return 0
         before = self.stats.sent + self.stats.quarantined
         workers = []
         for _ in range(self.concurrency):

@@ -17,6 +17,7 @@ from typing import Any
 import gevent
 
 from fsbridge import history
+from fsbridge.activity import Activity
 from fsbridge.calls.model import FinishedCall
 from fsbridge.calls.tracker import CallTracker
 from fsbridge.crm.card_sender import CardSender
@@ -99,6 +100,9 @@ class Company:
         self.cards = CardSender(self.crm, max_age=c.card_max_age, workers=c.card_workers,
                                 queue_size=c.card_queue_size)
         self.history = history.uploader(cfg, self.crm, TenantOutbox(outbox, tenant.name), links)
+        self.activity = Activity(self.state_dir(cfg.storage.dir, tenant.name) / "activity.json",
+                                 on_resume=self.history.wake)
+        self.cards.paused = self.history.paused = lambda: not self.activity.delivering
         self.statuses = ManagerStatus(self.state_dir(cfg.storage.dir, tenant.name) / "manager_status.json")
         r = cfg.routing
         self.lookup = ManagerLookup(self.crm, cfg.manager_codes, self.statuses, timeout=r.timeout,
@@ -178,6 +182,7 @@ class Company:
             crm = f"not answering ({reach.last_problem})"
         else:
             crm = "answering" if reach.last_answer is not None else "no request yet"
-        return {"crm": crm, "cards_pending": self.cards.pending, "cards_sent": self.cards.sent,
-                "cards_dropped": self.cards.dropped_stale + self.cards.dropped_full,
+        return {"crm": crm, "activity": self.activity.state.describe(),
+                "cards_pending": self.cards.pending, "cards_sent": self.cards.sent,
+                "cards_dropped": self.cards.dropped_stale + self.cards.dropped_full + self.cards.dropped_inactive,
                 "last_call": self.last_call_at, "calls": self.calls}

@@ -44,9 +44,13 @@ class TenantsReachability:
 
 
 def tenant_checks(companies: Companies) -> dict[str, Check]:
-    """The `tenants` check of /healthz: ok, with the tenants in trouble named in its detail."""
+    """The `tenants` check of /healthz: ok, with the tenants in trouble named in its detail; and the
+    `activity` check: which companies retailCRM has deactivated or frozen (their choice, not a failure)."""
+    off = [f"{c.tenant.label + ': ' if c.name else ''}{c.activity.state.describe()}"
+           for c in companies if not c.activity.delivering]
+    checks = {"activity": Check(True, "; ".join(off) or "active")}
     if companies.single:
-        return {}
+        return checks
     trouble = []
     for company in companies:
         state = company.state()["crm"]
@@ -54,7 +58,8 @@ def tenant_checks(companies: Companies) -> dict[str, Check]:
             trouble.append(f"{company.tenant.label}: {state}")
     refused = [f"{name}: file refused" for name in sorted(companies.errors)]
     detail = "; ".join(trouble + refused) or "all answering"
-    return {"tenants": Check(True, f"{len(companies)} tenant(s); {detail}")}
+    checks["tenants"] = Check(True, f"{len(companies)} tenant(s); {detail}")
+    return checks
 
 
 class AllCards:
@@ -77,6 +82,11 @@ class TenantMetrics:
     def __init__(self, metrics: Metrics, companies: Companies) -> None:
         self.companies = companies
         self._requests: dict[tuple[str, str], int] = {}
+        metrics.watch("fsbridge_module_delivering", "1 while retailCRM has the module active and not frozen",
+                      lambda: [({"tenant": c.name}, 1.0 if c.activity.delivering else 0.0) for c in companies])
+        metrics.watch("fsbridge_call_events_dropped_inactive_total",
+                      "Cards dropped because retailCRM has the module deactivated or frozen",
+                      lambda: [({"tenant": c.name}, float(c.cards.dropped_inactive)) for c in companies], counter=True)
         if companies.single:
             return
         m = metrics

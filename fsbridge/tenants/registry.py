@@ -18,6 +18,9 @@ from collections.abc import Callable, Iterator
 import gevent
 
 from fsbridge import logs
+from fsbridge.activity import DEFAULT_PATH as ACTIVITY_PATH
+from fsbridge.activity import MAX_BODY as ACTIVITY_MAX_BODY
+from fsbridge.activity import ActivityHandler
 from fsbridge.calls.legs import Directory
 from fsbridge.calls.model import CallEvent, FinishedCall
 from fsbridge.calls.tracker import CallTracker
@@ -242,3 +245,4 @@ def register_callbacks(router: Router, companies: Companies) -> None:
     """retailCRM's callbacks, as http/status.py and http/make_call.py register them for one company."""
     router.add({"GET"}, STATUS_PATH, ByClientId(companies, lambda c: c.status_handler))
     router.add({"GET"}, MAKE_CALL_PATH, ByClientId(companies, lambda c: c.make_call_handler), literal_plus=("phone",))
+    router.add({"POST"}, ACTIVITY_PATH, ActivityHandler(companies), max_body=ACTIVITY_MAX_BODY)

@@ -260,6 +260,20 @@ class FakeRetailCRM:
         self.port = self._server.server_port
         return self
 
+    def send_activity(self, code: str, *, active: bool, freeze: bool = False, base: str | None = None,
+                      client_id: str | None = None) -> Any:
+        """What retailCRM does when the admin switches the module off/on or the account is frozen: a form POST
+        of clientId and activity={"active":..,"freeze":..} to the registered baseUrl + actions.activity
+        (`base` replaces the registered baseUrl: tests reach fsbridge on loopback)."""
+        import requests
+
+        module = self.modules[code]
+        module["active"], module["freeze"] = active, freeze
+        url = (base or module["baseUrl"]) + module["actions"]["activity"]
+        form = {"clientId": module["clientId"] if client_id is None else client_id,
+                "activity": json.dumps({"active": active, "freeze": freeze}), "systemUrl": self.url}
+        return requests.post(url, data=form, timeout=5)
+
     def stop(self) -> None:
         self._stopping = True  # releases requests held by a "timeout" outage
         if self._server is not None:
@@ -656,9 +670,14 @@ class FakeRetailCRM:
             errors["logo"] = BLANK
         elif not urllib.parse.urlsplit(logo).path.lower().endswith(".svg"):
             errors["logo"] = "Logo image must be svg"
-        if module.get("actions"):
-            # No action is known to be valid for a telephony module: the real API refuses unknown ones.
-            errors["actions"] = EXTRA
+        actions = module.get("actions")
+        if actions is not None:
+            # `activity` is the one action a telephony module declares: a path relative to baseUrl. The real
+            # API refuses unknown ones.
+            if not isinstance(actions, dict) or set(actions) - {"activity"}:
+                errors["actions"] = EXTRA
+            elif not _is_nonblank_str(actions.get("activity")):
+                errors["actions[activity]"] = INVALID
 
         info: dict[str, list[Any]] = {"notExistUsersIds": [], "notExistSiteCodes": []}
         integrations = module.get("integrations")
