@@ -17,6 +17,7 @@ from fsbridge.activity import DEFAULT_PATH as ACTIVITY_PATH
 from fsbridge.config import Config
 from fsbridge.crm.client import RetailCRM
 from fsbridge.crm.errors import CRMAuthError, CRMError, CRMRejected
+from fsbridge.http.account import DEFAULT_PATH as ACCOUNT_PATH
 from fsbridge.http.logo import DEFAULT_PATH as LOGO_PATH
 from fsbridge.http.make_call import DEFAULT_PATH as MAKE_CALL_PATH
 from fsbridge.http.status import DEFAULT_PATH as STATUS_PATH
@@ -57,7 +58,7 @@ def build_module(cfg: Config) -> dict[str, Any]:
         "logo": base + LOGO_PATH,
         "baseUrl": base,
         "clientId": cfg.integration.client_id,
-        "accountUrl": base + "/",
+        "accountUrl": base + ACCOUNT_PATH,
         # Relative to baseUrl: where retailCRM says the module was deactivated, frozen or activated.
         "actions": {"activity": ACTIVITY_PATH},
         "integrations": {

@@ -24,6 +24,9 @@ from fsbridge.esl.listener import EventListener
 from fsbridge.esl.protocol import Event
 from fsbridge.health import Health
 from fsbridge.history.cdr import has_talk_recording, record_id_of
+from fsbridge.http.account import DEFAULT_PATH as ACCOUNT_PATH
+from fsbridge.http.account import MAX_BODY as ACCOUNT_MAX_BODY
+from fsbridge.http.account import AccountPage
 from fsbridge.http.app import Router
 from fsbridge.http.logo import LogoHandler
 from fsbridge.http.ops import OpsHandlers
@@ -170,6 +173,8 @@ class Bridge:
         cfg = self.cfg
         router = Router()
         register_callbacks(router, self.companies)
+        self.account = AccountPage(self.companies, lambda: self.listener.connected)
+        router.add({"GET", "POST"}, ACCOUNT_PATH, self.account, max_body=ACCOUNT_MAX_BODY)
         LogoHandler().register(router)
         RecordsHandler(self.links, self.recordings, accel_redirect_prefix=cfg.records.accel_redirect_prefix or None,
                        locate=self._locate_recording).register(router)

@@ -302,7 +302,7 @@ def test_manager_latency(fake: FakeRetailCRM) -> None:
 def module(**over: Any) -> dict[str, Any]:
     mod: dict[str, Any] = {
         "code": "fsbridge", "active": True, "name": "FreeSWITCH", "logo": "https://pbx.example.com/logo.svg",
-        "baseUrl": "https://pbx.example.com", "clientId": "s3cr3t" * 6, "accountUrl": "https://pbx.example.com/",
+        "baseUrl": "https://pbx.example.com", "clientId": "s3cr3t" * 6, "accountUrl": "https://pbx.example.com/account",
         "integrations": {"telephony": {
             "makeCallUrl": "https://pbx.example.com/retailcrm/make-call",
             "changeUserStatusUrl": "https://pbx.example.com/retailcrm/status",

@@ -30,7 +30,7 @@ def test_the_module_is_built_from_the_config_in_the_shape_of_the_docs(make_confi
     assert build_module(cfg) == {
         "code": "fsbridge", "active": True, "name": "Офис АТС",
         "logo": "https://pbx.example.com/logo.svg",
-        "baseUrl": "https://pbx.example.com", "clientId": CLIENT_ID, "accountUrl": "https://pbx.example.com/",
+        "baseUrl": "https://pbx.example.com", "clientId": CLIENT_ID, "accountUrl": "https://pbx.example.com/account",
         "actions": {"activity": "/retailcrm/activity"},
         "integrations": {"telephony": {
             "makeCallUrl": "https://pbx.example.com/retailcrm/make-call",
@@ -135,8 +135,8 @@ def test_info_shows_no_difference_then_each_one(make_config: MakeConfig, fake_cr
         "'https://pbx.example.com' in the CRM",
         "  clientId: differs from the config (from integration.client_id) (values not shown: it is a secret); "
         "fsbridge refuses the CRM's make-call and status callbacks until you register again",
-        "  accountUrl: 'https://pbx2.example.com/' in the config (from integration.public_url), "
-        "'https://pbx.example.com/' in the CRM",
+        "  accountUrl: 'https://pbx2.example.com/account' in the config (from integration.public_url), "
+        "'https://pbx.example.com/account' in the CRM",
         "  makeCallUrl: 'https://pbx2.example.com/retailcrm/make-call' in the config (from integration.public_url), "
         "'https://pbx.example.com/retailcrm/make-call' in the CRM",
         "  changeUserStatusUrl: 'https://pbx2.example.com/retailcrm/status' in the config "

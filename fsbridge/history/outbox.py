@@ -417,6 +417,18 @@ class Outbox:
             out.append(Quarantined(row, external_id, call, reason or "", since or 0.0))
         return out
 
+    def recent(self, limit: int) -> list[tuple[FinishedCall, int]]:
+        """The newest `limit` calls (any state) with their state, newest first; unreadable payloads skipped."""
+        with self._lock:
+            rows = self._db.execute("SELECT payload, state FROM calls ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        out = []
+        for payload, state in rows:
+            try:
+                out.append((decode_call(payload), state))
+            except (ValueError, TypeError):
+                continue
+        return out
+
     def find(self, external_id: str) -> FinishedCall | None:
         """The stored call of that id (any state), None if there is none or it cannot be read back."""
         with self._lock:
