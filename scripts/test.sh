@@ -6,7 +6,7 @@
 # A virtualenv, because Debian's and Ubuntu's python3 refuse `pip install` outside one (PEP 668).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-packages=(lua5.3 lua5.4 lua-socket curl lame nginx-light python3-venv)
+packages=(lua5.3 lua5.4 lua-socket curl lame nginx-light python3-venv chromium)
 missing=()
 for tool in lua5.3 lua5.4 curl lame nginx; do command -v "$tool" >/dev/null || missing+=("$tool"); done
 [ -e /usr/share/lua/5.4/socket.lua ] || missing+=(lua-socket)

@@ -65,7 +65,7 @@ def test_health_is_ready_when_calls_can_flow_and_says_why_not(running, simulator
     simulator.send_heartbeat()
     until(lambda: requests.get(f"{base}/healthz", timeout=5).status_code == 200, what="readiness")
     report = requests.get(f"{base}/healthz", timeout=5).json()
-    assert report["status"] == "ok" and set(report["checks"]) == {"workers", "freeswitch", "history", "crm"}
+    assert report["status"] == "ok" and set(report["checks"]) == {"workers", "freeswitch", "history", "crm", "activity"}
     simulator.stop()
     until(lambda: not bridge.listener.connected, what="the disconnect")
     reply = requests.get(f"{base}/healthz", timeout=5)
