@@ -92,3 +92,19 @@ def test_caller_controlled_text_is_escaped(start_bridge, fake_crm, simulator) ->
     assert "No calls yet." not in page and "&lt;i&gt;m&lt;/i&gt;" in page and "&lt;u&gt;r&lt;/u&gt;" in page
     # The number's last 4 characters are shown: here they carry the tag, escaped.
     assert "•••9&lt;b&gt;" in page
+
+
+def test_quarantined_calls_show_the_crms_reason_and_are_queued_again(start_bridge, fake_crm, simulator) -> None:
+    bridge = start_bridge()
+    simulator.play("inbound_answered", None, None)
+    until(lambda: bool(bridge.outbox.recent(1)), what="a call")
+    call = bridge.outbox.recent(1)[0][0]
+    bridge.outbox.add(dataclasses.replace(call, call_id="11111111-2222-3333-4444-666666666666", result="bogus"))
+    until(lambda: len(bridge.outbox.quarantined()) == 1, timeout=15, what="the refused call in quarantine")
+    url = base_url(bridge)
+    r = open_page(url)
+    assert "1 call(s) refused by retailCRM" in r.text and "not a valid choice" in r.text
+    session = r.cookies[COOKIE]
+    r = requests.post(url + "/account", data={"action": "requeue", "csrf": bridge.account.sessions.csrf(session)},
+                      cookies={COOKIE: session}, timeout=5)
+    assert r.status_code == 200 and "1 quarantined call(s) queued again." in r.text
