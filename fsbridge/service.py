@@ -339,7 +339,8 @@ class Bridge:
         # Give the history a last chance to go out now rather than at the next start.
         for company in self.companies:
             company.history.wake()
-        while self.outbox.levels()[0] and any(c.history.alive for c in self.companies) \
+        # (A company retailCRM has switched off keeps its calls waiting: nothing to wait for there.)
+        while self.outbox.levels()[0] and any(c.history.alive and c.activity.delivering for c in self.companies) \
                 and time.monotonic() < deadline - 1.0:
             gevent.sleep(0.05)
         self.companies.stop(max(1.0, deadline - time.monotonic()))
