@@ -98,7 +98,10 @@ def cmd_tenants(cfg: Config, args: argparse.Namespace) -> int:
     for row in rows:
         last = row.get("last_call")
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last)) if last else "-"
-        print(f"{row['tenant']:<20} {row.get('crm', '-'):<28} {row.get('cards_pending', '-')!s:>6} "
+        crm = row.get("crm", "-")
+        if row.get("activity", "active") != "active":  # switched off in retailCRM (activity.py)
+            crm += f"; {row['activity']}"
+        print(f"{row['tenant']:<20} {crm:<28} {row.get('cards_pending', '-')!s:>6} "
               f"{row.get('history_pending', 0)!s:>8}  {when:<19}  {', '.join(row.get('domains', []))}")
     for name, problem in sorted(answer.get("refused", {}).items()):
         print(f"refused {name}: {problem}")
