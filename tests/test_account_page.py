@@ -47,7 +47,7 @@ def test_only_the_companys_client_id_opens_the_page_and_its_session(start_bridge
     forged = session[:-1] + ("0" if session[-1] != "0" else "1")
     expired = Sessions(bridge.account.sessions.key, clock=lambda: time.time() - 3600).issue("")
     other_key = Sessions().issue("")
-    for bad in (forged, expired, other_key, "x.1.y"):
+    for bad in (forged, expired, other_key, "x.1.y", "x.\u00b2.y", session[:-1] + "\u00e9"):
         r = requests.get(url + "/account", cookies={COOKIE: bad}, timeout=5)
         assert r.status_code == 403 and NAME not in r.text, bad
 
@@ -61,6 +61,7 @@ def test_actions_need_the_sessions_csrf_token(start_bridge, fake_crm) -> None:
     assert f'name="csrf" value="{token}"' in r.text
     assert fake_crm.modules == {}
     for data in ({"action": "register"}, {"action": "register", "csrf": "0" * 64},
+                 {"action": "register", "csrf": "\u00e9" * 64},
                  {"action": "register", "csrf": Sessions().csrf(session)}):
         r = requests.post(url + "/account", data=data, cookies={COOKIE: session}, timeout=5)
         assert r.status_code == 403
