@@ -185,7 +185,7 @@ class Bridge:
         router = Router()
         TenantRoutingHandler(self.companies, allow_from=self.cfg.routing.allow_from).register(router)
         OpsHandlers(self.metrics, self.health).register(router)
-        TenantsOps(self.companies, allow_from=self.cfg.routing.allow_from).register(router)
+        TenantsOps(self.companies, allow_from=self.cfg.routing.allow_from, reload=self.reload).register(router)
         return router
 
     def reload(self) -> dict[str, str]:
@@ -193,6 +193,7 @@ class Bridge:
         refused = self.companies.reload()
         if self.spool is not None:
             self.spool.calls = self.companies.directory   # CDRs are attributed as live calls are
+        self._located.clear()   # where record links resolve depends on the companies' domains
         return refused
 
     # -- the reading path: no I/O but the outbox's single INSERT (see history/outbox.py) --
@@ -227,16 +228,12 @@ class Bridge:
         self._after_history(call)
 
     def _after_history(self, call: FinishedCall) -> None:
-        ref = record_id_of(call.recording_path or "")
-        subdir = self.companies.recording_subdir(call, self.recordings) if ref is not None else None
-        if ref is not None and subdir:
-            # Its link outlives the call's row in the outbox (purged after keep_sent_days): where it lies is
-            # kept apart. The flat layout needs nothing kept.
-            self.outbox.remember_record_dir(ref[0], subdir)
-        if (self.cfg.records.prefer_mp3 and has_talk_recording(call) and ref is not None and ref[1] == "wav"
-                and subdir is not None):
-            # Rebuilt from the allow-listed id and directory: the header's own path never reaches the encoder.
-            self._encoders.spawn(self._to_mp3, self.recordings.wav_path(ref[0], subdir))
+        if self.cfg.records.prefer_mp3 and has_talk_recording(call):
+            ref = record_id_of(call.recording_path or "")
+            subdir = self.companies.recording_subdir(call.recording_path, call.tenant, self.recordings)
+            if ref is not None and ref[1] == "wav" and subdir is not None:
+                # Rebuilt from the allow-listed id and directory: the header's own path never reaches the encoder.
+                self._encoders.spawn(self._to_mp3, self.recordings.wav_path(ref[0], subdir))
         if self.observer is not None:
             self.observer(call)
 
@@ -245,14 +242,13 @@ class Bridge:
         known = self._located.get(record_id, False)
         if known is not False:
             return known  # type: ignore[return-value]
-        kept = self.outbox.record_dir(record_id)
-        call = self.outbox.find(record_id) if kept is None else None
-        if kept is None and call is None:
-            return ""   # no call of that id (yet), or its row purged: the flat <records.dir>/<uuid>.<ext>
+        # The call's row, or what the purge kept of it (outbox.purge_sent): record links never expire.
+        recording = self.outbox.recording_of(record_id)
+        if recording is None:
+            return ""   # no call of that id (yet): the flat <records.dir>/<uuid>.<ext>
         if len(self._located) >= 4096:
             self._located.clear()
-        subdir = kept if call is None else self.companies.recording_subdir(call, self.recordings)
-        self._located[record_id] = subdir
+        subdir = self._located[record_id] = self.companies.recording_subdir(*recording, self.recordings)
         return subdir
 
     def _to_mp3(self, wav: Path) -> None:

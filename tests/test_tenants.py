@@ -486,7 +486,7 @@ def test_record_links_resolve_in_fusionpbx_layout_to_that_tenants_calls_only(tmp
         with outbox._lock:
             outbox._db.execute("UPDATE calls SET state = 1, updated = 0")
         assert outbox.purge_sent(older_than=0) == len(ids)
-        assert all(outbox.find(i) is None for i in ids.values())
+        assert all(outbox.state_of(i) is None for i in ids.values())
         bridge._located.clear()
         again = {name: requests.get(base_url(bridge) + bridge.links.path(ids[name]), timeout=5).status_code
                  for name in ids}

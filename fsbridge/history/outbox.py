@@ -72,13 +72,14 @@ _TENANTS = """
 ALTER TABLE calls ADD COLUMN tenant TEXT NOT NULL DEFAULT '';
 CREATE INDEX IF NOT EXISTS calls_pending_tenant ON calls(tenant, id) WHERE state = 0;
 """
-# Schema 3: where a recording lies under records.dir when not at its top (FusionPBX's per-domain archive).
-# Record links never expire, and delivered calls are purged after history.keep_sent_days: this table is
-# not purged (a few dozen bytes a recorded call), so a link keeps finding its file.
-_RECORD_DIRS = """
-CREATE TABLE IF NOT EXISTS record_dirs (
-    record_id TEXT PRIMARY KEY,
-    subdir    TEXT NOT NULL
+# Schema 3: record links never expire, but delivered calls are purged after history.keep_sent_days; the
+# purge keeps what a link needs to find its file (the RECORD_STOP path and the company: FusionPBX keeps
+# recordings in per-domain directories), a hundred bytes a recorded call, never purged.
+_RECORD_PATHS = """
+CREATE TABLE IF NOT EXISTS record_paths (
+    external_id TEXT PRIMARY KEY,
+    path        TEXT NOT NULL,
+    tenant      TEXT NOT NULL
 ) WITHOUT ROWID;
 """
 
@@ -176,7 +177,7 @@ class Outbox:
             if version < SCHEMA_VERSION:
                 # One script, one transaction: two fsbridge processes starting together cannot both
                 # half-create the schema.
-                steps = (_SCHEMA if version < 1 else "") + (_TENANTS if version < 2 else "") + _RECORD_DIRS
+                steps = (_SCHEMA if version < 1 else "") + (_TENANTS if version < 2 else "") + _RECORD_PATHS
                 self._db.executescript(f"BEGIN IMMEDIATE;{steps}PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
         except sqlite3.DatabaseError as exc:
             raise OutboxError(f"cannot open the outbox {self.path}: {exc}") from None
@@ -342,12 +343,17 @@ class Outbox:
         cutoff = time.time() - older_than
         purged = 0
         while True:
-            with self._lock:
-                cur = self._db.execute(
-                    "DELETE FROM calls WHERE id IN "
-                    "(SELECT id FROM calls WHERE state = 1 AND updated < ? LIMIT ?)", (cutoff, chunk))
-            purged += cur.rowcount
-            if cur.rowcount < chunk:
+            with self._lock, self._transaction():
+                ids = [r[0] for r in self._db.execute(
+                    "SELECT id FROM calls WHERE state = 1 AND updated < ? LIMIT ?", (cutoff, chunk))]
+                marks = ",".join("?" * len(ids))
+                self._db.execute(
+                    "INSERT OR IGNORE INTO record_paths (external_id, path, tenant) "
+                    "SELECT external_id, json_extract(payload, '$.recording_path'), tenant FROM calls "
+                    f"WHERE id IN ({marks}) AND json_extract(payload, '$.recording_path') IS NOT NULL", ids)
+                deleted = self._db.execute(f"DELETE FROM calls WHERE id IN ({marks})", ids).rowcount
+            purged += deleted
+            if len(ids) < chunk:
                 return purged
             give_way()
 
@@ -429,26 +435,14 @@ class Outbox:
                 continue
         return out
 
-    def find(self, external_id: str) -> FinishedCall | None:
-        """The stored call of that id (any state), None if there is none or it cannot be read back."""
+    def recording_of(self, external_id: str) -> tuple[str, str] | None:
+        """(RECORD_STOP path, tenant) of a call, whether its row is still here or was purged; None if none."""
         with self._lock:
-            row = self._db.execute("SELECT payload FROM calls WHERE external_id = ?", (external_id,)).fetchone()
-        try:
-            return decode_call(row[0]) if row else None
-        except (ValueError, TypeError):
-            return None
-
-    def remember_record_dir(self, record_id: str, subdir: str) -> None:
-        """Where the recording `record_id` lies under records.dir (checked by the caller): kept for good."""
-        with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO record_dirs (record_id, subdir) VALUES (?, ?)",
-                             (record_id, subdir))
-
-    def record_dir(self, record_id: str) -> str | None:
-        """What remember_record_dir() kept for `record_id`, None if nothing."""
-        with self._lock:
-            row = self._db.execute("SELECT subdir FROM record_dirs WHERE record_id = ?", (record_id,)).fetchone()
-        return row[0] if row else None
+            row = self._db.execute(
+                "SELECT json_extract(payload, '$.recording_path'), tenant FROM calls WHERE external_id = ? "
+                "UNION ALL SELECT path, tenant FROM record_paths WHERE external_id = ? LIMIT 1",
+                (external_id, external_id)).fetchone()
+        return (row[0], row[1]) if row and isinstance(row[0], str) else None
 
     def known(self, external_ids: Iterable[str]) -> set[str]:
         """Which of these call ids the outbox holds, whatever their state (one indexed lookup each)."""

@@ -116,17 +116,17 @@ class Companies:
             return self.by_name.get(IMPLICIT)
         return self._by_domain.get((domain or "").strip().lower().rstrip("."))
 
-    def recording_subdir(self, call: FinishedCall, recordings: Recordings) -> str | None:
+    def recording_subdir(self, path: str | None, tenant: str | None, recordings: Recordings) -> str | None:
         """Where a call's recording is under records.dir: "" for the directory itself (also for a path that
         is not under it: only the allow-listed uuid is used then, as always), the directory its RECORD_STOP
         path names (FusionPBX: <domain>/archive/<YYYY>/<Mon>/<DD>), or None when that directory belongs to
         another tenant's domain: a link then resolves to no file at all."""
-        subdir = recordings.subdir_of(call.recording_path)
+        subdir = recordings.subdir_of(path)
         if not subdir:
             return ""
         if self.single:
             return subdir
-        company = self.get(call.tenant)
+        company = self.get(tenant)
         return subdir if company is not None and subdir.split("/", 1)[0] in company.tenant.domains else None
 
     # -- the ESL reading path: enqueue only --
