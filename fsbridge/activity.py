@@ -13,13 +13,12 @@ import json
 import logging
 import os
 import time
-import urllib.parse
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fsbridge.http.app import Request, Response
+from fsbridge.http.app import BadRequest, Request, Response, Router
 
 if TYPE_CHECKING:
     from fsbridge.tenants.registry import Companies
@@ -83,12 +82,17 @@ class Activity:
             self.on_resume()
 
 
+def _form(body: bytes) -> dict[str, str]:
+    """The form as every callback's query is read (Router.parse_query: UTF-8, bounded, no repeated field)."""
+    return Router.parse_query(None, body)
+
+
 def parse(body: bytes) -> tuple[str, bool, bool] | None:
     """(clientId, active, freeze) from the callback's form body; None when it is not of that shape."""
     try:
-        form = dict(urllib.parse.parse_qsl(body.decode("utf-8"), strict_parsing=False))
+        form = _form(body)
         activity = json.loads(form["activity"])
-    except (UnicodeDecodeError, ValueError, KeyError):
+    except (ValueError, KeyError, BadRequest):
         return None
     if not isinstance(activity, dict):
         return None
@@ -108,7 +112,10 @@ class ActivityHandler:
         parsed = parse(request.body)
         if parsed is None:
             # Checked before the shape is told: a stranger learns nothing but "forbidden".
-            form = dict(urllib.parse.parse_qsl(request.body.decode("utf-8", "replace")))
+            try:
+                form = _form(request.body)
+            except BadRequest:
+                form = {}
             if self.companies.by_client_id(form.get("clientId", "")) is None:
                 return Response.text(403, "forbidden")
             return _json(400, {"success": False, "errorMsg": "activity must be {\"active\": bool, \"freeze\": bool}"})

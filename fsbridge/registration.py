@@ -94,8 +94,19 @@ def register(cfg: Config, crm: RetailCRM | None = None) -> str:
     module = build_module(cfg)
     code = module["code"]
     client = crm or _client(cfg)
+    notes: list[str] = []
     try:
-        created, reply = client.edit_integration_module(module, deadline=_deadline(cfg))
+        try:
+            created, reply = client.edit_integration_module(module, deadline=_deadline(cfg))
+        except CRMRejected as exc:
+            if not _names_actions(exc.errors):
+                raise
+            # Our API notes say retailCRM refuses `actions` it does not know, and `activity` is not confirmed
+            # there: registered without it rather than not at all.
+            module = {k: v for k, v in module.items() if k != "actions"}
+            created, reply = client.edit_integration_module(module, deadline=_deadline(cfg))
+            notes.append("  warning: retailCRM refused actions.activity: switching the module off in retailCRM "
+                         "will not stop fsbridge's cards and history")
     except CRMError as exc:
         raise RegistrationError(_explain_failure(exc, f"register the integration module {code!r}")) from None
     finally:
@@ -129,7 +140,13 @@ def register(cfg: Config, crm: RetailCRM | None = None) -> str:
             phones = ", ".join(by_site.get(site, [])) or "?"
             lines.append(f"  warning: retailCRM has no shop with code {site!r} (number {phones} in "
                          "external_phones): calls on that number will not be tied to a shop")
-    return "\n".join(lines)
+    return "\n".join(lines + notes)
+
+
+def _names_actions(errors: Any) -> bool:
+    """Whether the CRM's field errors are about `actions` (and nothing else)."""
+    keys = list(errors) if isinstance(errors, Mapping) else []
+    return bool(keys) and all(str(k).startswith("actions") for k in keys)
 
 
 def info(cfg: Config, crm: RetailCRM | None = None) -> str:

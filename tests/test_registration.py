@@ -43,6 +43,17 @@ def test_the_module_is_built_from_the_config_in_the_shape_of_the_docs(make_confi
     }
 
 
+def test_a_crm_that_refuses_the_activity_action_still_gets_the_module(make_config: MakeConfig,
+                                                                      fake_crm: FakeRetailCRM) -> None:
+    fake_crm.known_actions = set()   # the strict reading of our API notes: `actions` refused
+    cfg = make_config(crm_url=fake_crm.url)
+    report = register(cfg)
+    assert report.splitlines()[0] == f"created integration module 'fsbridge' in {fake_crm.url}"
+    assert "refused actions.activity" in report
+    stored = fake_crm.modules["fsbridge"]
+    assert "actions" not in stored and stored["integrations"] == build_module(cfg)["integrations"]
+
+
 def test_register_creates_then_updates(make_config: MakeConfig, fake_crm: FakeRetailCRM) -> None:
     cfg = make_config(crm_url=fake_crm.url)
     first = register(cfg)

@@ -21,6 +21,7 @@ from fsbridge.calls import outcome
 from fsbridge.calls.legs import CUSTOMER, MANAGER, OTHER, Directory, Leg, classify
 from fsbridge.calls.model import CallEvent, FinishedCall
 from fsbridge.esl.protocol import Event
+from fsbridge.history.cdr import record_id_of
 
 log = logging.getLogger("fsbridge.calls")
 
@@ -279,10 +280,8 @@ class CallTracker:
 
     @staticmethod
     def _named_after_a_leg(call: Call, path: str | None) -> bool:
-        if not path:
-            return False
-        stem = path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
-        return any(lg.uuid == stem for lg in call.legs)
+        ref = record_id_of(path or "")
+        return ref is not None and any(lg.uuid == ref[0] for lg in call.legs)
 
     def _hangup_complete(self, ev: Event, leg: Leg) -> None:
         end = _int(ev.get("variable_end_uepoch")) or _int(ev.get("Event-Date-Timestamp"))

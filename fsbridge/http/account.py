@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from fsbridge.crm.errors import CRMError
 from fsbridge.history.outbox import QUARANTINED, SENT
-from fsbridge.http.app import Request, Response
+from fsbridge.http.app import BadRequest, Request, Response, Router
 
 if TYPE_CHECKING:
     from fsbridge.tenants.company import Company
@@ -121,8 +121,8 @@ class AccountPage:
         form: dict[str, str] = {}
         if request.method == "POST":
             try:
-                form = dict(urllib.parse.parse_qsl(request.body.decode("utf-8")))
-            except UnicodeDecodeError:
+                form = Router.parse_query(None, request.body)   # UTF-8, bounded, no repeated field
+            except BadRequest:
                 return self._refusal(400, "The request could not be read.")
         if "clientId" in form:
             company = self.companies.by_client_id(form["clientId"])

@@ -338,13 +338,6 @@ class Router:
             return Response.text(413, "request body too large")
         return None
 
-    def dispatch(self, request: Request) -> Response:
-        route = self.match(request.path)
-        refused = self.refusal(route, request.method, len(request.body))
-        if refused is not None:
-            return refused
-        return self.call(route, request)  # type: ignore[arg-type]
-
     def call(self, route: _Route, request: Request) -> Response:
         """Run the handler of `route` (already checked with `refusal`): its answer, or 500 if it failed."""
         try:
@@ -378,10 +371,12 @@ class Router:
         if route is not None and route.literal_plus:
             raw_query = _keep_leading_plus(raw_query, route.literal_plus)
         try:
-            pairs = parse_qsl(raw_query, keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS)
+            # A query is ASCII on the wire; percent-escapes decode as UTF-8 (parse_qsl on bytes would re-encode
+            # them as ASCII and refuse any non-ASCII value).
+            pairs = parse_qsl(raw_query.decode("ascii"), keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS,
+                              encoding="utf-8", errors="strict")
             query: dict[str, str] = {}
-            for raw_name, raw_value in pairs:
-                name, value = raw_name.decode("utf-8"), raw_value.decode("utf-8")
+            for name, value in pairs:
                 if name in query:
                     # Two values for one name: proxies and apps disagree on which one wins, the classic
                     # way to slip a second clientId or phone past a check.

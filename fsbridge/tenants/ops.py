@@ -7,6 +7,7 @@ Same fence as the routing lookup: routing.allow_from (loopback by default), neve
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from fsbridge.http.app import Request, Response, Router
@@ -15,8 +16,9 @@ from fsbridge.tenants.registry import Companies
 
 
 class TenantsOps:
-    def __init__(self, companies: Companies, allow_from: list[str]) -> None:
+    def __init__(self, companies: Companies, allow_from: list[str], reload: Callable[[], dict[str, str]]) -> None:
         self.companies = companies
+        self._reload = reload   # the service's: what a reload changes outside the companies too (SIGHUP's)
         self._fence = RoutingHandler(None, allow_from=allow_from)  # type: ignore[arg-type]
 
     def register(self, router: Router) -> None:
@@ -31,7 +33,7 @@ class TenantsOps:
     def reload(self, request: Request) -> Response:
         if not self._fence.allowed(request):
             return Response.text(403, "forbidden")
-        refused = self.companies.reload()
+        refused = self._reload()
         return _json(200, {"tenants": sorted(c.tenant.label for c in self.companies), "refused": refused})
 
 
