@@ -31,6 +31,9 @@ class ConfigError(ValueError):
 _REQUIRED: Any = object()
 # A manager extension: the one rule for the config, /retailcrm/status, click-to-call and the Lua script.
 EXTENSION_RE = re.compile(r"[0-9]{1,16}")
+# A FreeSWITCH domain as FusionPBX names them: a host name (it also names a directory of recordings, and
+# goes into dial strings as {domain}).
+DOMAIN_RE = re.compile(r"(?=.{1,253}$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*")
 _SITE_CODE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 

@@ -19,7 +19,7 @@ import gevent
 import gevent.event
 
 from fsbridge.calls.tracker import CallTracker, ExpectedCall
-from fsbridge.config import DIAL_TEMPLATE_RE, EXTENSION_RE
+from fsbridge.config import DIAL_TEMPLATE_RE, DOMAIN_RE, EXTENSION_RE
 from fsbridge.esl.connection import EslError
 from fsbridge.esl.listener import EventListener
 from fsbridge.esl.protocol import Event
@@ -71,7 +71,7 @@ class DialPlan:
             raise ValueError("record_dir: an absolute path of letters, digits and '_./-'")
         if "{gateway}" in self.customer_dial + self.manager_dial and not self.gateway:
             raise ValueError("gateway: missing; the dial-string templates use {gateway}")
-        if self.domain and not re.fullmatch(r"[a-z0-9][a-z0-9.-]{0,252}", self.domain):
+        if self.domain and not DOMAIN_RE.fullmatch(self.domain):
             raise ValueError("domain: a FreeSWITCH domain name (letters, digits, '.-')")
         if "{domain}" in self.customer_dial + self.manager_dial and not self.domain:
             raise ValueError("manager_dial: {domain} needs a tenant with a domain")

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import gevent
 from gevent.event import AsyncResult
 
+from fsbridge.crm.backoff import backoff_ceiling
 from fsbridge.crm.errors import CRMAuthError, CRMError, CRMRejected
 
 log = logging.getLogger("fsbridge.routing")
@@ -217,7 +218,8 @@ class ManagerLookup:
         return None if result is _FAILED else result
 
     def _quiet_period(self) -> float:
-        return min(self.breaker * 2 ** min(max(self._failing - 1, 0), 16), self.breaker_max)
+        # No jitter: one breaker per company, nothing to spread out.
+        return backoff_ceiling(self.breaker, self._failing, self.breaker_max)
 
     def _ask(self, phone: str, attempts: int) -> str | None:
         self.stats.crm_requests += 1

@@ -48,10 +48,23 @@ def settings(fs_port: int = 8021, crm_url: str = "http://127.0.0.1:9", state_dir
     return raw
 
 
+_STATE_DIRS: list[str] = []
+
+
 def _tmp_state_dir() -> str:
     import tempfile
 
-    return tempfile.mkdtemp(prefix="fsbridge-state-")
+    made = tempfile.mkdtemp(prefix="fsbridge-state-")
+    _STATE_DIRS.append(made)
+    return made
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The state directories settings() made (a few thousand per run) go with the run."""
+    import shutil
+
+    for made in _STATE_DIRS:
+        shutil.rmtree(made, ignore_errors=True)
 
 
 @pytest.fixture

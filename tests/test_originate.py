@@ -87,6 +87,15 @@ def test_dial_templates_are_allow_listed_too(template: str) -> None:
         DialPlan(manager_dial=template, gateway="gw")
 
 
+@pytest.mark.parametrize("domain", ["a..pbx.test", "-a.pbx.test", "a-.pbx.test", ".pbx.test", "pbx.test.",
+                                    "a" * 64 + ".test"])
+def test_a_dial_string_domain_is_a_host_name(domain: str) -> None:
+    # {domain} goes into the originate command: the same rule as a tenant file's domains.
+    with pytest.raises(ValueError, match="domain"):
+        DialPlan(manager_dial="user/{code}@{domain}", gateway="gw", domain=domain)
+    assert DialPlan(manager_dial="user/{code}@{domain}", gateway="gw", domain="a-1.pbx.test").domain == "a-1.pbx.test"
+
+
 def test_a_gateway_is_needed_by_the_default_customer_dial_string() -> None:
     with pytest.raises(ValueError, match="gateway"):
         DialPlan()

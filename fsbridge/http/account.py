@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from fsbridge.crm.errors import CRMError
 from fsbridge.history.outbox import QUARANTINED, SENT
-from fsbridge.http.app import BadRequest, Request, Response, Router
+from fsbridge.http.app import BadRequest, Request, Response, Router, same_secret
 
 if TYPE_CHECKING:
     from fsbridge.tenants.company import Company
@@ -77,11 +77,11 @@ class Sessions:
     def company(self, value: str) -> str | None:
         """The company of a valid, unexpired session value; None for anything else."""
         parts = value.split(".")
-        # ASCII digits, and bytes compared: compare_digest refuses non-ASCII str, int() some Unicode digits.
+        # ASCII digits only: int() takes some Unicode digits ('²' raised).
         if len(parts) != 3 or not (parts[1].isascii() and parts[1].isdigit()):
             return None
         text = f"{parts[0]}.{parts[1]}"
-        if not _same(self._mac(text), parts[2]) or int(parts[1]) < self.clock():
+        if not same_secret(self._mac(text), parts[2]) or int(parts[1]) < self.clock():
             return None
         name = parts[0]
         if name == "-":
@@ -93,11 +93,6 @@ class Sessions:
 
     def csrf(self, session: str) -> str:
         return self._mac("csrf:" + session)
-
-
-def _same(given: str, expected: str) -> bool:
-    """Constant-time, for any text a client sends."""
-    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode())
 
 
 def _cookie(request: Request) -> str:
@@ -137,7 +132,7 @@ class AccountPage:
             return self._refusal(403, "Your session has ended: open this page again from retailCRM.")
         message = ""
         if request.method == "POST":
-            if not _same(form.get("csrf", ""), self.sessions.csrf(session)):
+            if not same_secret(form.get("csrf", ""), self.sessions.csrf(session)):
                 return self._refusal(403, "This form has expired: open the page again from retailCRM.")
             message = self._act(company, form.get("action", ""))
         return self._page(company, session, message)

@@ -217,15 +217,19 @@ class BadRequest(Exception):
 
 
 def check_client_id(request: Request, expected: str) -> Response | None:
-    """403 unless the `clientId` query parameter equals `expected`; None when it does.
-
-    hmac.compare_digest takes the same time wherever the first difference is, so the secret cannot be
-    guessed byte by byte from response times.
-    """
-    given = request.query.get("clientId", "")
-    if not expected or not hmac.compare_digest(given.encode(), expected.encode()):
+    """403 unless the `clientId` query parameter equals `expected` (same_secret: the secret cannot be
+    guessed byte by byte from response times); None when it does."""
+    if not same_secret(request.query.get("clientId", ""), expected):
         return Response.text(403, "forbidden")
     return None
+
+
+def same_secret(given: str, expected: str) -> bool:
+    """Whether a secret a client sent (clientId, session, CSRF token) is `expected`; never for an empty one.
+
+    hmac.compare_digest takes the same time wherever the first difference is; compared as bytes, since
+    it refuses non-ASCII str (any text a client sends must get a plain no, not an exception)."""
+    return bool(expected) and hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode())
 
 
 def _close(body: object) -> None:

@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from fsbridge.config import (
+    DOMAIN_RE,
     Config,
     ConfigError,
     CrmSettings,
@@ -43,8 +44,6 @@ from fsbridge.config import (
 )
 
 TENANT_NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
-# A FreeSWITCH domain as FusionPBX names them: a host name (it also names a directory of recordings).
-DOMAIN_RE = re.compile(r"(?=.{1,253}$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*")
 IMPLICIT = ""   # the tenant of a single-company config
 TENANT_MANAGER_DIAL = "user/{code}@{domain}"
 
