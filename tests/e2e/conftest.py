@@ -3,7 +3,7 @@
 
 1. A FreeSWITCH you run yourself: `FSBRIDGE_E2E_ESL=host:port` (and `FSBRIDGE_E2E_ESL_PASSWORD`, default
    ClueCon), with tests/e2e/freeswitch/ as its conf, on vars.xml's default ports (event socket 18021,
-   SIP 15060, the SIPp phones on 15090-15092, RTP 26000-26999). Started from the checkout with:
+   SIP 15060, the SIPp phones on 15090-15096, RTP 26000-26999). Started from the checkout with:
 
        mkdir -p /tmp/fs-e2e/log /tmp/fs-e2e/db /tmp/fs-e2e/run /tmp/fs-e2e/recordings
        freeswitch -nonat -nf -nc -conf "$PWD/tests/e2e/freeswitch" -log /tmp/fs-e2e/log \
@@ -13,21 +13,39 @@
            python -m pytest -q tests/e2e
 
    (-nf -nc: in the foreground, without a console; -conf needs -log and -db beside it.) Covers every
-   scenario but the Lua routing ones (its dialplan/public/ is empty: the suite cannot install the routed
-   DID in someone else's conf) and the restart ones (it cannot restart someone else's FreeSWITCH);
-   recordings are checked only with `FSBRIDGE_E2E_RECORDINGS` naming its recordings directory, and the
-   recovery from CDRs only with `FSBRIDGE_E2E_CDR_DIR` naming its mod_json_cdr log-dir.
+   scenario but the Lua routing ones (its dialplan/public/ and dialplan/tenants/<domain>/ are empty: the
+   suite cannot install the routed DIDs in someone else's conf) and the restart ones (it cannot restart
+   someone else's FreeSWITCH); recordings are checked only with `FSBRIDGE_E2E_RECORDINGS` naming its
+   recordings directory, and the recovery from CDRs only with `FSBRIDGE_E2E_CDR_DIR` naming its
+   mod_json_cdr log-dir.
 2. A FreeSWITCH binary the suite starts itself: `FSBRIDGE_E2E_FREESWITCH=/path/to/bin/freeswitch`, or a
    `freeswitch` on PATH when no Docker engine answers. It runs in a temp dir on free loopback ports with
-   the routed DID installed (conf/freeswitch/dialplan/fsbridge_inbound.xml, harness.routed_dialplan) and
-   conf/freeswitch/scripts/ as -scripts, and is stopped after: every scenario runs.
+   the routed DIDs installed (conf/freeswitch/dialplan/fsbridge_inbound.xml, harness.routed_dialplan: in the
+   public context, and in each virtual-PBX domain's context) and conf/freeswitch/scripts/ as -scripts, and
+   is stopped after: every scenario runs.
 3. Docker: a Docker engine answers (`docker info`) and Compose is installed (`docker compose`, else
    Debian's `docker-compose`). pytest-docker starts tests/e2e/compose.e2e.yaml's `freeswitch` (the image
    of docker/compose.yaml, host network, vars.xml's default ports) with a copy of this conf that has the
-   routed DID installed, conf/freeswitch/scripts/ as its scripts directory and the recordings in a
+   routed DIDs installed, conf/freeswitch/scripts/ as its scripts directory and the recordings in a
    temp dir of the host; it is removed after (`down -v`). Every scenario runs, the restarts through
    Compose (`kill -s SIGKILL` / `restart`); the Lua routing ones need curl in the image and are skipped
    without it (a warning in the log says why). Just `python -m pytest -q tests/e2e` with no FSBRIDGE_E2E_* set.
+
+The same FreeSWITCH is also a virtual PBX (issue 13; tests/e2e/test_tenants.py, fixture `tenant_world`): two
+customer companies, each a FreeSWITCH domain laid out as FusionPBX lays out a provider's customers —
+a.pbx.test and b.pbx.test, users 100 and 200 in each (directory/tenants.xml, a SIPp phone each), a dialplan
+context per domain named after it (dialplan/tenants.xml, tenants/context.inc: recording into
+<recordings>/<domain>/archive/<YYYY>/<Mon>/<DD>/<uuid>.wav, `user/<ext>@${domain_name}`, 5<ext> for the
+other company's extension), and public-context routes that set domain_name and transfer each company's DIDs
+(harness.TENANT_DIDS, TENANT_ROUTED) and its phones (by their From host, as a registered phone's realm)
+into its context. fsbridge runs with a tenants_dir of two look-alike tenant files (harness.tenant_file:
+same extensions and customer, DIDs one digit apart, different retailCRM user ids), each company with its own
+strict fake retailCRM (World.crms). The tests cover: calls into both domains at once (each CRM gets exactly
+its cards, history and archived recording), click-to-call with each company's clientId (its own domain's
+100 rings; the other company's DID is refused, an unknown clientId is 403), the shipped Lua routing in each
+domain's context asking the CRM of the call's ${domain_name}, and a call between the two companies'
+extensions (nobody's card, in neither CRM). With FSBRIDGE_E2E_CAPTURE_DIR they record tests/fixtures/esl/
+tenants_*.raw, which tests/test_tenant_flows.py replays.
 """
 
 from __future__ import annotations

@@ -351,9 +351,9 @@ class SippFactory:
     def phone(self, ext: str, behaviour: str, *, ring_ms: int = 1000, transfer_to: str = "",
               hold_ms: int = 3000) -> Sipp:
         """Extension `ext`'s phone ("100", or "100@a.pbx.test" in a company's domain), or with ext="customer"
-        the customer a manager calls: "answer" (talks
-        until the other side hangs up), "talk" (answers, talks for hold_ms, hangs up), "busy" (rings,
-        then 486), "dnd" (486 at once), "ring" (never picked up) or "transfer"."""
+        the customer a manager calls: "answer" (talks until the other side hangs up), "talk" (answers, talks
+        for hold_ms, hangs up), "busy" (rings, then 486), "dnd" (486 at once), "ring" (never picked up) or
+        "transfer"."""
         port = self.ports.of_phone(ext)
         scenario = {"answer": "uas_answer.xml", "talk": "uas_talk.xml", "busy": "uas_busy.xml", "dnd": "uas_dnd.xml",
                     "ring": "uas_ring.xml", "transfer": "uas_transfer.xml", "hold": "uas_hold.xml"}[behaviour]
