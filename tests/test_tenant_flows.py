@@ -172,24 +172,40 @@ def test_a_call_between_two_companies_phones_reaches_neither_crm(simulator, crms
     assert provider.outbox.pending_by_tenant() == {}
 
 
+def test_a_customer_transferred_to_the_other_companys_phone_stays_the_first_companys(simulator, crms,
+                                                                                     provider) -> None:
+    """100@a.pbx.test blind-transferred a's customer to 5200, and 200@b.pbx.test took the call: b's phone is
+    neither a's manager (a's own 200 is another person) nor b's customer. a's CRM: the card of its 100 and
+    the history credited to it; b's CRM: nothing (not even a card for its 200, whose phone rang)."""
+    simulator.play("tenants_transfer_cross_domain")
+    wait_history(crms, {"a": 1})
+    did = TENANT_DIDS["a"]
+    assert cards(crms["a"]) == [("in", CUSTOMER, ("100",), did, None), ("hangup", CUSTOMER, ("100",), did, "answered")]
+    assert record(crms["a"], only_call(crms["a"])) == history("a", "in", "100", did, 8, True)
+    assert crms["b"].events == [] and crms["b"].calls == {}
+
+
 def test_all_the_companies_calls_at_once_nothing_crosses(simulator, crms, provider) -> None:
     """Every capture played several times, interleaved: each CRM gets exactly its own calls, with its own
     managers' user ids."""
     plays = ["tenants_inbound_both", "tenants_routed_both", "tenants_click_a", "tenants_click_b",
-             "tenants_cross_domain"] * 4
+             "tenants_cross_domain", "tenants_transfer_cross_domain"] * 4
     done = [simulator.play_async(name) for name in plays]
     gevent.joinall(done, raise_error=True)
-    # Per round: inbound (1 each), routed (1 each), a's click, b's click; the cross-domain call is nobody's.
-    wait_history(crms, {"a": 12, "b": 12})
+    # Per round: inbound (1 each), routed (1 each), a's click, b's click, a's customer transferred to b's
+    # phone (a's call); the call between the two companies' phones is nobody's.
+    expected = {"a": 16, "b": 12}
+    wait_history(crms, expected)
     for t in TENANTS:
         crm = crms[t]
-        assert len(crm.calls) == 12
+        assert len(crm.calls) == expected[t]
         assert {e["callExternalId"] for e in crm.events} == set(crm.calls)
-        assert Counter(c["userId"] for c in crm.calls.values()) <= Counter(
-            dict.fromkeys(TENANT_USER_IDS[t].values(), 12)), "only this company's managers"
+        assert set(c["userId"] for c in crm.calls.values()) <= set(TENANT_USER_IDS[t].values()), \
+            "only this company's managers"
+        inbound = expected[t] - 8     # the DID's calls (plain and transferred), routed and clicks: 4 each
         assert Counter(c["externalPhone"] for c in crm.calls.values()) == {
-            TENANT_DIDS[t]: 8, TENANT_ROUTED[t]: 4}
-        assert Counter(e["type"] for e in crm.events) == {"in": 8, "out": 4, "hangup": 12}
+            TENANT_DIDS[t]: inbound + 4, TENANT_ROUTED[t]: 4}
+        assert Counter(e["type"] for e in crm.events) == {"in": inbound + 4, "out": 4, "hangup": expected[t]}
     assert set(crms["a"].calls).isdisjoint(crms["b"].calls)
 
 

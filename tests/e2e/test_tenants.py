@@ -235,3 +235,29 @@ def test_call_between_two_companies_extensions_is_nobodys_card(tenant_world: Wor
     assert world.finished == []
     for t in TENANTS:
         assert world.crms[t].events == [] and world.crms[t].calls == {}, f"company {t}'s CRM got something"
+
+
+def test_customer_transferred_to_the_other_companys_extension(tenant_world: World) -> None:
+    """A customer of company a: 100@a answers and blind-transfers (REFER) to 5200; the customer's leg runs
+    it in a's context, and 200 of company b takes the call. b's phone joined a's call: neither a's manager
+    (a has a 200 too, another person) nor b's customer (README, "The call model with tenants"). a's CRM
+    gets the card of its 100 only and the call's history, credited to its 100, the last of its managers
+    who talked; b's CRM gets nothing."""
+    world = tenant_world
+    world.capture("tenants_transfer_cross_domain")
+    first = world.sipp.phone(phone_of("a", "100"), "transfer", ring_ms=1000, transfer_to="5200")
+    taker = world.sipp.phone(phone_of("b", "200"), "answer", ring_ms=1000)
+    namesake = world.sipp.phone(phone_of("a", "200"), "answer")
+    customer = world.sipp.customer(TENANT_DIDS["a"], "talk", hold_ms=8000)
+    customer.ok()
+    first.ok()
+    taker.ok()
+    assert invite_from(taker) == CUSTOMER, "the customer reached company b's 200"
+    assert "INVITE" not in namesake.messages(), "5200 is company b's 200, not a's"
+
+    wait_crms(world, events={"a": 2, "b": 0}, calls={"a": 1, "b": 0})
+    did = TENANT_DIDS["a"]
+    assert cards(world.crms["a"]) == [("in", CUSTOMER, ("100",), did, None),
+                                      ("hangup", CUSTOMER, ("100",), did, "answered")]
+    check_record(only_record(world, "a"), "a", kind="in", result="answered", code="100", did=did, talk_s=8)
+    assert world.crms["b"].events == [] and world.crms["b"].calls == {}
