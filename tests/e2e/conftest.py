@@ -43,9 +43,10 @@ same extensions and customer, DIDs one digit apart, different retailCRM user ids
 strict fake retailCRM (World.crms). The tests cover: calls into both domains at once (each CRM gets exactly
 its cards, history and archived recording), click-to-call with each company's clientId (its own domain's
 100 rings; the other company's DID is refused, an unknown clientId is 403), the shipped Lua routing in each
-domain's context asking the CRM of the call's ${domain_name}, and a call between the two companies'
-extensions (nobody's card, in neither CRM). With FSBRIDGE_E2E_CAPTURE_DIR they record tests/fixtures/esl/
-tenants_*.raw, which tests/test_tenant_flows.py replays.
+domain's context asking the CRM of the call's ${domain_name}, a call between the two companies'
+extensions (nobody's card, in neither CRM), and a's customer transferred to b's 200 (a's call, credited to
+a's 100; b's phone is neither a's manager nor b's customer). With FSBRIDGE_E2E_CAPTURE_DIR they record
+tests/fixtures/esl/tenants_*.raw, which tests/test_tenant_flows.py replays.
 """
 
 from __future__ import annotations

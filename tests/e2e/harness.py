@@ -325,10 +325,14 @@ class SippFactory:
         write_voice_pcap(workdir / "customer.pcap")
 
     def _media_port(self) -> int:
-        # SIPp uses the media port and the next ones (RTP, RTCP, echo): keep them apart.
+        # SIPp uses the media port and the next ones (RTP, RTCP, video, echo): keep them apart, and off the
+        # phones' SIP ports, which are free until their SIPp starts (seen: a phone failing to bind its own).
+        p = self.ports
+        reserved = {p.sip, p.ext100, p.ext200, p.customer, p.a100, p.a200, p.b100, p.b200}
         while True:
             port = free_port(socket.SOCK_DGRAM)
-            if port % 2 == 0 and not any(udp_port_taken(p) for p in (port + 1, port + 2, port + 3)):
+            near = (port, port + 1, port + 2, port + 3)
+            if port % 2 == 0 and reserved.isdisjoint(near) and not any(udp_port_taken(n) for n in near[1:]):
                 return port
 
     def _common(self, name: str, scenario: str, local_port: int) -> list[str]:

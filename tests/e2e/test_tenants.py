@@ -6,8 +6,9 @@ dialplan/tenants.xml, laid out as FusionPBX lays out a provider's customers) and
 The two companies look alike: extensions 100 and 200 in both, the same customer calling both, DIDs one
 digit apart. What each company's CRM receives must be its own calls only, with its own managers' user ids:
 calls into both domains at once, click-to-call with each company's clientId, the Lua routing asking the
-company of the call's domain, and a call between the two companies' phones (nobody's card: README, "The
-call model with tenants").
+company of the call's domain, a call between the two companies' phones (nobody's card: README, "The call
+model with tenants"), and a customer transferred to the other company's extension (still the first
+company's call; the other company's phone is nobody's manager).
 
 FSBRIDGE_E2E_CAPTURE_DIR=dir records each test's Event Socket traffic as dir/tenants_<test>.{plain,json}.raw:
 how tests/fixtures/esl/tenants_*.raw were made (tests/fixtures/README.md).
