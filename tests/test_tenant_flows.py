@@ -186,8 +186,10 @@ def test_a_customer_transferred_to_the_other_companys_phone_stays_the_first_comp
 
 
 def test_all_the_companies_calls_at_once_nothing_crosses(simulator, crms, provider) -> None:
-    """Every capture played several times, interleaved: each CRM gets exactly its own calls, with its own
-    managers' user ids."""
+    """Every capture played several times, interleaved, as fast as fsbridge reads: each CRM gets exactly its
+    own calls' history, with its own managers' user ids, and cards of its own calls only (a card that cannot
+    reach the CRM within crm.card_max_age is dropped by design, so cards are counted at most, the history
+    exactly)."""
     plays = ["tenants_inbound_both", "tenants_routed_both", "tenants_click_a", "tenants_click_b",
              "tenants_cross_domain", "tenants_transfer_cross_domain"] * 4
     done = [simulator.play_async(name) for name in plays]
@@ -199,13 +201,14 @@ def test_all_the_companies_calls_at_once_nothing_crosses(simulator, crms, provid
     for t in TENANTS:
         crm = crms[t]
         assert len(crm.calls) == expected[t]
-        assert {e["callExternalId"] for e in crm.events} == set(crm.calls)
+        assert {e["callExternalId"] for e in crm.events} <= set(crm.calls)
         assert set(c["userId"] for c in crm.calls.values()) <= set(TENANT_USER_IDS[t].values()), \
             "only this company's managers"
         inbound = expected[t] - 8     # the DID's calls (plain and transferred), routed and clicks: 4 each
         assert Counter(c["externalPhone"] for c in crm.calls.values()) == {
             TENANT_DIDS[t]: inbound + 4, TENANT_ROUTED[t]: 4}
-        assert Counter(e["type"] for e in crm.events) == {"in": inbound + 4, "out": 4, "hangup": expected[t]}
+        assert Counter(e["type"] for e in crm.events) <= Counter({"in": inbound + 4, "out": 4, "hangup": expected[t]})
+        assert Counter(c["type"] for c in crm.calls.values()) == {"in": inbound + 4, "out": 4}
     assert set(crms["a"].calls).isdisjoint(crms["b"].calls)
 
 
