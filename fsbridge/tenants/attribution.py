@@ -10,11 +10,14 @@ dialplan contexts are the domain names):
   `domain_name` over to it), then `variable_domain_name`, the context;
 - a leg from a trunk: never its From host (anyone on the Internet writes what they like there), only what
   the dialplan set (`variable_domain_name`) or the DID.
-Only configured domains count, so IP addresses and the trunks' hosts never match anything.
+Only configured domains count, so IP addresses and the trunks' hosts never match anything. A host may carry
+its port: FreeSWITCH writes `variable_sip_to_host` of a leg it dials as host:port (the e2e captures,
+tests/fixtures/esl/tenants_*.raw), so `sofia/internal/100@acme...:5060` is acme's like `user/100@acme...`.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 from fsbridge.calls.legs import Directory
@@ -27,6 +30,7 @@ _FROM_PHONE = ("variable_domain_name", "variable_sip_from_host", "variable_sip_r
 _TO_USER = ("variable_dialed_domain", "variable_domain_name", "variable_sip_req_host", "variable_sip_to_host",
             "Caller-Context")
 _FROM_TRUNK = ("variable_domain_name", "Caller-Context")
+_PORT = re.compile(r":[0-9]{1,5}$")
 
 
 def directory_of(tenant: Tenant, trunks: TrunkSettings) -> Directory:
@@ -58,7 +62,7 @@ class Attribution:
         for key in keys:
             value = ev.get(key)
             if value:
-                found = self.by_domain.get(value.lower())
+                found = self.by_domain.get(_PORT.sub("", value.lower()))
                 if found is not None:
                     return found
         if inbound:

@@ -3,7 +3,7 @@
 
 1. A FreeSWITCH you run yourself: `FSBRIDGE_E2E_ESL=host:port` (and `FSBRIDGE_E2E_ESL_PASSWORD`, default
    ClueCon), with tests/e2e/freeswitch/ as its conf, on vars.xml's default ports (event socket 18021,
-   SIP 15060, the SIPp phones on 15090-15092, RTP 26000-26999). Started from the checkout with:
+   SIP 15060, the SIPp phones on 15090-15096, RTP 26000-26999). Started from the checkout with:
 
        mkdir -p /tmp/fs-e2e/log /tmp/fs-e2e/db /tmp/fs-e2e/run /tmp/fs-e2e/recordings
        freeswitch -nonat -nf -nc -conf "$PWD/tests/e2e/freeswitch" -log /tmp/fs-e2e/log \
@@ -13,21 +13,40 @@
            python -m pytest -q tests/e2e
 
    (-nf -nc: in the foreground, without a console; -conf needs -log and -db beside it.) Covers every
-   scenario but the Lua routing ones (its dialplan/public/ is empty: the suite cannot install the routed
-   DID in someone else's conf) and the restart ones (it cannot restart someone else's FreeSWITCH);
-   recordings are checked only with `FSBRIDGE_E2E_RECORDINGS` naming its recordings directory, and the
-   recovery from CDRs only with `FSBRIDGE_E2E_CDR_DIR` naming its mod_json_cdr log-dir.
+   scenario but the Lua routing ones (its dialplan/public/ and dialplan/tenants/<domain>/ are empty: the
+   suite cannot install the routed DIDs in someone else's conf) and the restart ones (it cannot restart
+   someone else's FreeSWITCH); recordings are checked only with `FSBRIDGE_E2E_RECORDINGS` naming its
+   recordings directory, and the recovery from CDRs only with `FSBRIDGE_E2E_CDR_DIR` naming its
+   mod_json_cdr log-dir.
 2. A FreeSWITCH binary the suite starts itself: `FSBRIDGE_E2E_FREESWITCH=/path/to/bin/freeswitch`, or a
    `freeswitch` on PATH when no Docker engine answers. It runs in a temp dir on free loopback ports with
-   the routed DID installed (conf/freeswitch/dialplan/fsbridge_inbound.xml, harness.routed_dialplan) and
-   conf/freeswitch/scripts/ as -scripts, and is stopped after: every scenario runs.
+   the routed DIDs installed (conf/freeswitch/dialplan/fsbridge_inbound.xml, harness.routed_dialplan: in the
+   public context, and in each virtual-PBX domain's context) and conf/freeswitch/scripts/ as -scripts, and
+   is stopped after: every scenario runs.
 3. Docker: a Docker engine answers (`docker info`) and Compose is installed (`docker compose`, else
    Debian's `docker-compose`). pytest-docker starts tests/e2e/compose.e2e.yaml's `freeswitch` (the image
    of docker/compose.yaml, host network, vars.xml's default ports) with a copy of this conf that has the
-   routed DID installed, conf/freeswitch/scripts/ as its scripts directory and the recordings in a
+   routed DIDs installed, conf/freeswitch/scripts/ as its scripts directory and the recordings in a
    temp dir of the host; it is removed after (`down -v`). Every scenario runs, the restarts through
    Compose (`kill -s SIGKILL` / `restart`); the Lua routing ones need curl in the image and are skipped
    without it (a warning in the log says why). Just `python -m pytest -q tests/e2e` with no FSBRIDGE_E2E_* set.
+
+The same FreeSWITCH is also a virtual PBX (issue 13; tests/e2e/test_tenants.py, fixture `tenant_world`): two
+customer companies, each a FreeSWITCH domain laid out as FusionPBX lays out a provider's customers —
+a.pbx.test and b.pbx.test, users 100 and 200 in each (directory/tenants.xml, a SIPp phone each), a dialplan
+context per domain named after it (dialplan/tenants.xml, tenants/context.inc: recording into
+<recordings>/<domain>/archive/<YYYY>/<Mon>/<DD>/<uuid>.wav, `user/<ext>@${domain_name}`, 5<ext> for the
+other company's extension), and public-context routes that set domain_name and transfer each company's DIDs
+(harness.TENANT_DIDS, TENANT_ROUTED) and its phones (by their From host, as a registered phone's realm)
+into its context. fsbridge runs with a tenants_dir of two look-alike tenant files (harness.tenant_file:
+same extensions and customer, DIDs one digit apart, different retailCRM user ids), each company with its own
+strict fake retailCRM (World.crms). The tests cover: calls into both domains at once (each CRM gets exactly
+its cards, history and archived recording), click-to-call with each company's clientId (its own domain's
+100 rings; the other company's DID is refused, an unknown clientId is 403), the shipped Lua routing in each
+domain's context asking the CRM of the call's ${domain_name}, a call between the two companies'
+extensions (nobody's card, in neither CRM), and a's customer transferred to b's 200 (a's call, credited to
+a's 100; b's phone is neither a's manager nor b's customer). With FSBRIDGE_E2E_CAPTURE_DIR they record
+tests/fixtures/esl/tenants_*.raw, which tests/test_tenant_flows.py replays.
 """
 
 from __future__ import annotations
@@ -57,6 +76,10 @@ from tests.e2e.harness import (
     ROOT,
     SHIPPED_INBOUND,
     SHIPPED_SCRIPTS,
+    TENANT_DOMAINS,
+    TENANT_KEYS,
+    TENANT_ROUTED,
+    TENANT_USER_IDS,
     Admin,
     AdminError,
     EslRecorder,
@@ -66,6 +89,7 @@ from tests.e2e.harness import (
     free_port,
     pick_ports,
     routed_dialplan,
+    tenant_file,
 )
 from tests.waiting import until
 
@@ -160,13 +184,20 @@ class FreeSwitch:
 
 def install_conf(dest: Path) -> bool:
     """tests/e2e/freeswitch/ copied to `dest`, with the shipped inbound dialplan installed as docs/deploy.md
-    says (into the context the customers' calls arrive in) when it is there; whether it was."""
+    says (into the context the customers' calls arrive in; for the virtual PBX, into each company's domain
+    context) when it is there; whether it was."""
     shutil.copytree(E2E_CONF, dest)
     if not (SHIPPED_INBOUND.is_file() and (SHIPPED_SCRIPTS / "fsbridge_route.lua").is_file()):
         return False
+    shipped = SHIPPED_INBOUND.read_text("utf-8")
     public = dest / "dialplan" / "public"
     public.mkdir(exist_ok=True)
-    (public / "00_fsbridge_inbound.xml").write_text(routed_dialplan(SHIPPED_INBOUND.read_text("utf-8")))
+    (public / "00_fsbridge_inbound.xml").write_text(routed_dialplan(shipped))
+    for tenant, domain in TENANT_DOMAINS.items():
+        # dialplan/tenants/context.inc includes tenants/<domain>/*.xml at the top of the domain's context.
+        context = dest / "dialplan" / "tenants" / domain
+        context.mkdir(parents=True, exist_ok=True)
+        (context / "00_fsbridge_inbound.xml").write_text(routed_dialplan(shipped, TENANT_ROUTED[tenant], domain))
     return True
 
 
@@ -410,6 +441,7 @@ class World:
     uploader: Any = None
     records_url: str | None = None
     recorders: dict[str, Any] = field(default_factory=dict)
+    crms: dict[str, Any] = field(default_factory=dict)   # the virtual PBX's (tenant_world): its CRM by company
 
     def capture(self, name: str) -> None:
         """With FSBRIDGE_E2E_CAPTURE_DIR set, record this test's Event Socket traffic as the capture `name`
@@ -460,19 +492,14 @@ def _history(cfg: Any, crm_client: Any, outbox_path: Path) -> Any:
     return Uploader(Outbox(outbox_path), crm_client, builder, linger=0.05, retry_base=0.2, retry_max=1.0)
 
 
-@pytest.fixture
-def world(freeswitch: FreeSwitch, fake_crm: Any, tmp_path: Path,
-          request: pytest.FixtureRequest) -> Iterator[World]:
-    from fsbridge import config
-    from fsbridge.service import Bridge
-
-    freeswitch.hang_up_everything()
+def _world_settings(freeswitch: FreeSwitch, tmp_path: Path, crm_url: str) -> tuple[dict[str, Any], str]:
+    """The e2e fsbridge's raw config (the single company of the lab PBX) and its public URL."""
     # The record proxy is the Bridge's own HTTP server: its public URL must be known before it starts.
     http_port = free_port()
     public_url = f"http://127.0.0.1:{http_port}"
     recordings = freeswitch.recordings
     raw = settings(
-        fs_port=freeswitch.ports.esl, crm_url=fake_crm.url, state_dir=str(tmp_path / "state"),
+        fs_port=freeswitch.ports.esl, crm_url=crm_url, state_dir=str(tmp_path / "state"),
         freeswitch={"host": freeswitch.host, "password": freeswitch.password, "reconnect_max_delay": 0.5,
                     "reconcile_interval": 5.0},
         http={"listen": f"127.0.0.1:{http_port}", "internal_listen": "127.0.0.1:0"},
@@ -485,11 +512,15 @@ def world(freeswitch: FreeSwitch, fake_crm: Any, tmp_path: Path,
         originate={"customer_dial": f"sofia/internal/{{phone}}@127.0.0.1:{freeswitch.ports.customer}",
                    "ring_timeout": CLICK_RING_TIMEOUT},
     )
-    if hasattr(config, "HistorySettings"):
-        # Retry quickly: the outage scenarios wait for the history to go out once the CRM is back.
-        # A customer who gave up in a queue before any agent was offered the call is credited to 200.
-        raw["history"] = {"retry_max_delay": 1, "unassigned_code": "200"}
-    cfg = config.from_mapping(raw, env={})
+    return raw, public_url
+
+
+def _run_world(freeswitch: FreeSwitch, cfg: Any, crm: Any, tmp_path: Path, request: pytest.FixtureRequest,
+               public_url: str, crms: dict[str, Any] | None = None) -> Iterator[World]:
+    """fsbridge of `cfg` started in-process against the e2e FreeSWITCH, SIPp ready; everything stopped and
+    every channel hung up after the test (SIPp's and FreeSWITCH's logs printed when it failed)."""
+    from fsbridge.service import Bridge
+
     finished: list[Any] = []
     sinks: list[Callable[[Any], None]] = [finished.append]
     bridge = Bridge(cfg, on_finished=lambda call: [sink(call) for sink in sinks])
@@ -507,8 +538,8 @@ def world(freeswitch: FreeSwitch, fake_crm: Any, tmp_path: Path,
         freeswitch.api(f"global_setvar e2e_fsbridge_port={bridge.internal_http.address[1]}")
     sipp = SippFactory(freeswitch.ports, tmp_path / "sipp", fs_host=freeswitch.host)
     # Recordings are checked only where this machine can read FreeSWITCH's recordings directory.
-    w = World(fs=freeswitch, crm=fake_crm, bridge=bridge, sipp=sipp, finished=finished, uploader=uploader,
-              records_url=public_url if recordings is not None else None)
+    w = World(fs=freeswitch, crm=crm, bridge=bridge, sipp=sipp, finished=finished, uploader=uploader,
+              records_url=public_url if freeswitch.recordings is not None else None, crms=crms or {})
     try:
         until(lambda: bridge.listener.connected, 15, "fsbridge to connect to FreeSWITCH's event socket")
         yield w
@@ -524,6 +555,55 @@ def world(freeswitch: FreeSwitch, fake_crm: Any, tmp_path: Path,
         if own_uploader is not None:
             own_uploader.close()
         freeswitch.hang_up_everything()
+
+
+@pytest.fixture
+def world(freeswitch: FreeSwitch, fake_crm: Any, tmp_path: Path,
+          request: pytest.FixtureRequest) -> Iterator[World]:
+    from fsbridge import config
+
+    freeswitch.hang_up_everything()
+    raw, public_url = _world_settings(freeswitch, tmp_path, fake_crm.url)
+    if hasattr(config, "HistorySettings"):
+        # Retry quickly: the outage scenarios wait for the history to go out once the CRM is back.
+        # A customer who gave up in a queue before any agent was offered the call is credited to 200.
+        raw["history"] = {"retry_max_delay": 1, "unassigned_code": "200"}
+    cfg = config.from_mapping(raw, env={})
+    yield from _run_world(freeswitch, cfg, fake_crm, tmp_path, request, public_url)
+
+
+# -- the virtual PBX: two companies, each with its own fake retailCRM ------------------------------------
+
+@pytest.fixture
+def tenant_world(freeswitch: FreeSwitch, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[World]:
+    """fsbridge as a virtual PBX provider runs it: tenants_dir with one file per company (tenant_file) of
+    the e2e FreeSWITCH's two domains, each company with its own strict fake retailCRM (World.crms)."""
+    from fsbridge import config
+    from tests.fakes.retailcrm import FakeRetailCRM
+
+    freeswitch.hang_up_everything()
+    crms = {t: FakeRetailCRM(api_key=TENANT_KEYS[t], known_codes={"100", "200"},
+                             known_user_ids=set(TENANT_USER_IDS[t].values()), known_sites={"shop1"}).start()
+            for t in TENANT_DOMAINS}
+    try:
+        tenants_dir = tmp_path / "tenants.d"
+        tenants_dir.mkdir()
+        for tenant, crm in crms.items():
+            (tenants_dir / f"{tenant}.yaml").write_text(tenant_file(tenant, crm.url))
+        raw, public_url = _world_settings(freeswitch, tmp_path, "http://127.0.0.1:9")
+        # The provider's file: no company of its own (its crm account, clientId, managers and DIDs are the
+        # tenants'), everything else as for the single company.
+        for key in ("managers", "external_phones"):
+            del raw[key]
+        raw["crm"] = {"timezone": "Europe/Moscow"}
+        raw["integration"] = {"public_url": public_url}
+        raw["history"] = {"retry_max_delay": 1}
+        raw["tenants_dir"] = str(tenants_dir)
+        cfg = config.from_mapping(raw, env={})
+        yield from _run_world(freeswitch, cfg, crms["a"], tmp_path, request, public_url, crms)
+    finally:
+        for crm in crms.values():
+            crm.stop()
 
 
 @pytest.hookimpl(tryfirst=True, hookwrapper=True)

@@ -43,6 +43,30 @@ DID_LOOPBACK = "74999999985"       # ring group 100 + 200 through loopback/
 DID_PICKUP = "74999999984"         # rings 100; **100 intercepts it
 FLOW_DIDS = (DID_QUEUE_RINGALL, DID_QUEUE_IDLE, DID_QUEUE_EMPTY, DID_VOICEMAIL, DID_FORWARD, DID_LOOPBACK,
              DID_PICKUP)
+# The virtual PBX (tests/e2e/test_tenants.py; directory/tenants.xml, dialplan/tenants.xml): two companies, one
+# FreeSWITCH domain each, with look-alike extensions (100, 200 in both) and DIDs.
+TENANT_DOMAINS = {"a": "a.pbx.test", "b": "b.pbx.test"}
+TENANT_DIDS = {"a": "74951110001", "b": "74951110002"}         # each rings 100 of its own domain
+TENANT_ROUTED = {"a": "74951110011", "b": "74951110012"}       # fsbridge_inbound.xml in the domain's context
+# Only their retailCRM accounts (keys, clientIds, the managers' user ids) tell the companies apart.
+TENANT_KEYS = {"a": "tenant-a-api-key-0123456789", "b": "tenant-b-api-key-0123456789"}
+TENANT_CLIENT_IDS = {"a": "tenant-a-client-id-0123456789abcdef", "b": "tenant-b-client-id-0123456789abcdef"}
+TENANT_USER_IDS = {"a": {"100": 11, "200": 12}, "b": {"100": 21, "200": 22}}
+
+
+def tenant_file(tenant: str, crm_url: str, *, dids: bool = True) -> str:
+    """tenants.d/<tenant>.yaml of one company of the e2e virtual PBX; dids=False: its DIDs left out of
+    external_phones (its calls are then known by their domain only)."""
+    managers = ", ".join(f'"{code}": {uid}' for code, uid in TENANT_USER_IDS[tenant].items())
+    phones = f'{{"{TENANT_DIDS[tenant]}": shop1, "{TENANT_ROUTED[tenant]}": shop1}}' if dids else "{}"
+    return (f"domains: [{TENANT_DOMAINS[tenant]}]\n"
+            f'crm: {{url: "{crm_url}", api_key: "{TENANT_KEYS[tenant]}", timezone: Europe/Moscow, card_max_age: 5}}\n'
+            f'integration: {{client_id: "{TENANT_CLIENT_IDS[tenant]}"}}\n'
+            f"managers: {{{managers}}}\n"
+            f"external_phones: {phones}\n"
+            'history: {unassigned_code: "200"}\n')
+
+
 SHIPPED_INBOUND = ROOT / "conf" / "freeswitch" / "dialplan" / "fsbridge_inbound.xml"
 SHIPPED_SCRIPTS = ROOT / "conf" / "freeswitch" / "scripts"
 
@@ -56,8 +80,20 @@ class Ports:
     ext100: int = 15090
     ext200: int = 15091
     customer: int = 15092
+    a100: int = 15093        # 100@a.pbx.test, 200@a.pbx.test, 100@b.pbx.test, 200@b.pbx.test
+    a200: int = 15094
+    b100: int = 15095
+    b200: int = 15096
     rtp_start: int = 26000
     rtp_end: int = 26999
+
+    def of_phone(self, phone: str) -> int:
+        """The port of the SIPp UAS playing `phone`: "100", "200", "customer", or "100@a.pbx.test"."""
+        ext, _, domain = phone.partition("@")
+        if not domain:
+            return {"100": self.ext100, "200": self.ext200, "customer": self.customer}[ext]
+        tenant = next(t for t, d in TENANT_DOMAINS.items() if d == domain)
+        return int(getattr(self, f"{tenant}{ext}"))
 
     def env(self) -> dict[str, str]:
         """The variables vars.xml reads with env-set."""
@@ -67,6 +103,10 @@ class Ports:
             "FSBRIDGE_E2E_EXT100_PORT": str(self.ext100),
             "FSBRIDGE_E2E_EXT200_PORT": str(self.ext200),
             "FSBRIDGE_E2E_CUSTOMER_PORT": str(self.customer),
+            "FSBRIDGE_E2E_A100_PORT": str(self.a100),
+            "FSBRIDGE_E2E_A200_PORT": str(self.a200),
+            "FSBRIDGE_E2E_B100_PORT": str(self.b100),
+            "FSBRIDGE_E2E_B200_PORT": str(self.b200),
             "FSBRIDGE_E2E_RTP_START": str(self.rtp_start),
             "FSBRIDGE_E2E_RTP_END": str(self.rtp_end),
         }
@@ -94,11 +134,11 @@ def free_ports(count: int, kind: int = socket.SOCK_DGRAM) -> list[int]:
 
 def pick_ports() -> Ports:
     esl = free_port(socket.SOCK_STREAM)
-    sip, ext100, ext200, customer = free_ports(4)
+    sip, ext100, ext200, customer, a100, a200, b100, b200 = free_ports(8)
     # An RTP range of its own, away from the ephemeral ports the kernel hands out.
     base = 20000 + (os.getpid() % 400) * 20
-    return Ports(esl=esl, sip=sip, ext100=ext100, ext200=ext200, customer=customer,
-                 rtp_start=base, rtp_end=base + 19)
+    return Ports(esl=esl, sip=sip, ext100=ext100, ext200=ext200, customer=customer, a100=a100, a200=a200,
+                 b100=b100, b200=b200, rtp_start=base, rtp_end=base + 19)
 
 
 def udp_port_taken(port: int) -> bool:
@@ -183,18 +223,21 @@ def admin_api(host: str, port: int, password: str, command: str, timeout: float 
 
 # -- the shipped inbound dialplan -----------------------------------------------------------------
 
-def routed_dialplan(shipped: str) -> str:
+def routed_dialplan(shipped: str, did: str = DID_ROUTED, context: str = "public") -> str:
     """conf/freeswitch/dialplan/fsbridge_inbound.xml as an admin installs it (docs/deploy.md, section 4):
-    only the lines marked EDIT change. The DIDs: DID_ROUTED. The fallback: extension 100 of the public
-    context. fsbridge_url: each test's fsbridge, whose port FreeSWITCH reads from a global variable when
-    the call comes in. Everything else (timeouts, `user/{ext}@$${domain}`, the recording, ring_ready,
-    the script and the transfer after it) is the shipped text.
+    only the lines marked EDIT change. The DIDs: `did`. The fallback: extension 100 of `context`.
+    fsbridge_url: each test's fsbridge, whose port FreeSWITCH reads from a global variable when the call
+    comes in. In a company's domain context (a virtual PBX), also the line its Virtual PBX comment names:
+    the manager is dialled in the call's domain, user/{ext}@${domain_name}. Everything else (timeouts, the
+    recording, ring_ready, the script and the transfer after it) is the shipped text.
     """
     edits = [
-        (r'(<condition field="destination_number" expression=")[^"]*(")', rf"\g<1>^\\+?({DID_ROUTED})$\g<2>"),
-        (r'(data="fsbridge_fallback=)[^"]*(")', rf"\g<1>{ROUTED_FALLBACK} XML public\g<2>"),
+        (r'(<condition field="destination_number" expression=")[^"]*(")', rf"\g<1>^\\+?({did})$\g<2>"),
+        (r'(data="fsbridge_fallback=)[^"]*(")', rf"\g<1>{ROUTED_FALLBACK} XML {context}\g<2>"),
         (r'(data="fsbridge_url=http://127\.0\.0\.1:)[0-9]+(/routing/manager")', r"\g<1>${e2e_fsbridge_port}\g<2>"),
     ]
+    if context != "public":
+        edits.append((r'(data="fsbridge_dial=user/\{ext\}@)\$\$\{domain\}(")', r"\g<1>${domain_name}\g<2>"))
     text = shipped
     for pattern, replacement in edits:
         text, count = re.subn(pattern, replacement, text)
@@ -282,10 +325,14 @@ class SippFactory:
         write_voice_pcap(workdir / "customer.pcap")
 
     def _media_port(self) -> int:
-        # SIPp uses the media port and the next ones (RTP, RTCP, echo): keep them apart.
+        # SIPp uses the media port and the next ones (RTP, RTCP, video, echo): keep them apart, and off the
+        # phones' SIP ports, which are free until their SIPp starts (seen: a phone failing to bind its own).
+        p = self.ports
+        reserved = {p.sip, p.ext100, p.ext200, p.customer, p.a100, p.a200, p.b100, p.b200}
         while True:
             port = free_port(socket.SOCK_DGRAM)
-            if port % 2 == 0 and not any(udp_port_taken(p) for p in (port + 1, port + 2, port + 3)):
+            near = (port, port + 1, port + 2, port + 3)
+            if port % 2 == 0 and reserved.isdisjoint(near) and not any(udp_port_taken(n) for n in near[1:]):
                 return port
 
     def _common(self, name: str, scenario: str, local_port: int) -> list[str]:
@@ -307,13 +354,14 @@ class SippFactory:
 
     def phone(self, ext: str, behaviour: str, *, ring_ms: int = 1000, transfer_to: str = "",
               hold_ms: int = 3000) -> Sipp:
-        """Extension `ext`'s phone, or with ext="customer" the customer a manager calls: "answer" (talks
-        until the other side hangs up), "talk" (answers, talks for hold_ms, hangs up), "busy" (rings,
-        then 486), "dnd" (486 at once), "ring" (never picked up) or "transfer"."""
-        port = {"100": self.ports.ext100, "200": self.ports.ext200, "customer": self.ports.customer}[ext]
+        """Extension `ext`'s phone ("100", or "100@a.pbx.test" in a company's domain), or with ext="customer"
+        the customer a manager calls: "answer" (talks until the other side hangs up), "talk" (answers, talks
+        for hold_ms, hangs up), "busy" (rings, then 486), "dnd" (486 at once), "ring" (never picked up) or
+        "transfer"."""
+        port = self.ports.of_phone(ext)
         scenario = {"answer": "uas_answer.xml", "talk": "uas_talk.xml", "busy": "uas_busy.xml", "dnd": "uas_dnd.xml",
                     "ring": "uas_ring.xml", "transfer": "uas_transfer.xml", "hold": "uas_hold.xml"}[behaviour]
-        name = self._name(f"phone{ext}-{behaviour}")
+        name = self._name(f"phone{ext.replace('@', '-')}-{behaviour}")
         argv = [*self._common(name, scenario, port), "-d", str(ring_ms)]
         # The one who talks plays the customer's voice; the others echo what they hear.
         argv += ["-set", "hold_ms", str(hold_ms)] if behaviour == "talk" else ["-rtp_echo"]
@@ -341,6 +389,15 @@ class SippFactory:
         name = self._name(f"ext{caller}-dials")
         argv = [*self._common(name, "uac_wait.xml", free_port(socket.SOCK_DGRAM)),
                 f"{self.fs_host}:{self.ports.sip}", "-s", dialled, "-key", "caller", caller]
+        return self._start(name, argv)
+
+    def phone_dials(self, dialled: str, caller: str, domain: str, *, hold_ms: int = 3000) -> Sipp:
+        """Extension `caller` of `domain` dials `dialled` from its phone (From and Request-URI in its
+        domain, as a phone registered there sends them), talks for hold_ms once answered, and hangs up."""
+        name = self._name(f"ext{caller}@{domain}-dials")
+        argv = [*self._common(name, "uac_phone_talk.xml", free_port(socket.SOCK_DGRAM)),
+                f"{self.fs_host}:{self.ports.sip}", "-s", dialled, "-key", "caller", caller, "-key", "domain", domain,
+                "-d", str(hold_ms)]
         return self._start(name, argv)
 
     def stop_all(self) -> None:
