@@ -110,6 +110,26 @@ def fleet(tmp_path, simulator, crms):
         bridge.stop()
 
 
+class UploadsInFlight:
+    """The most upload requests the fake CRMs were handling at once (sampled): the workers' bound."""
+
+    def __init__(self, crms: list[FakeRetailCRM]) -> None:
+        self.most = 0
+        self._crms = crms
+        self._sampler = gevent.spawn(self._sample)
+
+    def _sample(self) -> None:
+        while True:
+            now = sum(1 for crm in self._crms for r in list(crm.requests)
+                      if r.path.endswith("/calls/upload") and r.status == 0)
+            self.most = max(self.most, now)
+            gevent.sleep(0.005)
+
+    def stop(self) -> int:
+        self._sampler.kill()
+        return self.most
+
+
 def upload_order(crms_by_name: dict[str, FakeRetailCRM]) -> list[str]:
     """Which tenant each upload request was for, in the order the fake CRMs received them."""
     seen = [(u.received, name) for name, crm in crms_by_name.items() for u in crm.uploads]
@@ -134,6 +154,7 @@ def test_backlogged_tenants_take_turns_one_batch_each(fleet, crms) -> None:
 
 def test_small_tenants_go_after_at_most_one_batch_of_a_big_backlog(fleet, crms, simulator) -> None:
     crms("a").latency = 0.1   # a's 40 batches take seconds: long enough to see who goes meanwhile
+    in_flight = UploadsInFlight([crms(n) for n in ("a", "b", "c")])
     bridge = fleet(("a", "b", "c"), workers=1, backlog={"a": 2000, "b": 1, "c": 1})
     until(lambda: uploaded(crms("b")) and uploaded(crms("c")), timeout=10, what="b's and c's backlog")
     order = upload_order({n: crms(n) for n in ("a", "b", "c")})
@@ -145,6 +166,7 @@ def test_small_tenants_go_after_at_most_one_batch_of_a_big_backlog(fleet, crms, 
     assert len(uploaded(crms("a"))) < 2000 and bridge.outbox.pending_by_tenant().get("a", 0) > 0
     until(lambda: len(uploaded(crms("a"))) == 2000, timeout=60, what="a's backlog")
     assert len({c["externalId"] for c in uploaded(crms("a"))}) == 2000
+    assert in_flight.stop() == 1   # one worker: one upload at a time, whoever's
 
 
 def test_a_slow_crm_holds_one_worker_and_does_not_delay_another_tenant(fleet, crms, simulator) -> None:
@@ -168,12 +190,15 @@ def test_a_slow_crm_holds_one_worker_and_does_not_delay_another_tenant(fleet, cr
 
 def test_a_rejected_key_skips_the_tenant_without_holding_the_only_worker(fleet, crms, simulator) -> None:
     crms("a").api_key = "the-key-was-revoked-0123"
+    crms("a").latency = crms("b").latency = 0.1
+    in_flight = UploadsInFlight([crms("a"), crms("b")])
     bridge = fleet(("a", "b"), workers=1, backlog={"a": 200})
     until(lambda: bridge.companies.get("a").key.rejections >= 1, what="a's key refused")
     played = [simulator.play("inbound_answered", None, wire("b")) for _ in range(2)]
     until(lambda: len(uploaded(crms("b"))) == 2, timeout=10, what="b's history while a's key is refused")
     assert {c["externalId"] for c in uploaded(crms("b"))} == {p.a_leg for p in played}
     assert bridge.outbox.pending_by_tenant() == {"a": 200} and crms("a").calls == {}
+    assert in_flight.stop() == 1
     crms("a").api_key = key("a")
     until(lambda: len(crms("a").calls) == 200, timeout=30, what="a's calls once its key works again")
     assert len(uploaded(crms("a"))) == 200 and bridge.outbox.pending_by_tenant() == {}
