@@ -218,6 +218,25 @@ def test_waiting_and_drained_lines_count_the_tenants_own_calls(fleet, crms, capl
     assert bridge.outbox.pending_by_tenant() == {"gone": 7}
 
 
+def test_periodic_and_switched_off_tenants_keep_their_ways_under_the_scheduler(fleet, crms, simulator) -> None:
+    """What each uploader did on its own still holds with shared workers: a periodic tenant's backlog goes at
+    start, then its calls wait for the tick; a tenant retailCRM switched off keeps its calls until it is back
+    on; an immediate tenant is served meanwhile."""
+    files = {"a": tenant_yaml("a", crms("a").url, extra="history: {strategy: periodic, period: 0.1}\n")}
+    bridge = fleet(("a", "b", "c"), workers=1, backlog={"a": 3}, files=files)
+    until(lambda: len(uploaded(crms("a"))) == 3, what="the periodic tenant's backlog at start")
+    bridge.companies.get("c").activity.set(False, False)
+    played = {name: simulator.play("inbound_answered", None, wire(name)) for name in ("a", "b", "c")}
+    until(lambda: len(uploaded(crms("b"))) == 1, timeout=10, what="the immediate tenant's call")
+    gevent.sleep(1.0)
+    assert bridge.outbox.pending_by_tenant() == {"a": 1, "c": 1}
+    bridge.companies.get("c").activity.set(True, False)
+    until(lambda: len(uploaded(crms("c"))) == 1, timeout=10, what="c's call once it is switched back on")
+    until(lambda: len(uploaded(crms("a"))) == 4, timeout=15, what="a's call at its period's tick")
+    assert uploaded(crms("a"))[3]["externalId"] == played["a"].a_leg
+    assert uploaded(crms("c"))[0]["externalId"] == played["c"].a_leg
+
+
 # -- reload without a lost or reordered card ---------------------------------------------------------------
 
 

@@ -176,8 +176,13 @@ class FairScheduler:
             # As each uploader's own loop did: a company nobody woke is looked at again now and then.
             self._next_poll = now + self.poll_interval
             for turns in self._companies.values():
-                if turns.state == IDLE and turns.uploader.strategy != PERIODIC:
+                if turns.state != IDLE:
+                    continue
+                if turns.uploader.strategy != PERIODIC:
                     self._make_ready(turns)
+                else:
+                    # Idle without a tick: switched to periodic by a reload while it was idle.
+                    self._at(turns, self._tick_after(turns, now))
 
     def _turn(self, turns: _Turns, slow: bool) -> None:
         uploader = turns.uploader
@@ -203,15 +208,20 @@ class FairScheduler:
             if turns.again:
                 self._make_ready(turns)
             elif uploader.strategy == PERIODIC:
-                while turns.next_tick <= now:
-                    turns.next_tick += uploader.period
-                self._at(turns, turns.next_tick)
+                self._at(turns, self._tick_after(turns, now))
         elif again_at <= now:
             self._make_ready(turns)
         else:
             self._at(turns, again_at)
         self.turns += 1
         self._changed.set()
+
+    @staticmethod
+    def _tick_after(turns: _Turns, now: float) -> float:
+        period = turns.uploader.period
+        if turns.next_tick <= now:
+            turns.next_tick += period * (1 + int((now - turns.next_tick) // period))
+        return turns.next_tick
 
     # -- states ----------------------------------------------------------------------------------
 
