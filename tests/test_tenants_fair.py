@@ -188,6 +188,24 @@ def test_a_slow_crm_holds_one_worker_and_does_not_delay_another_tenant(fleet, cr
     until(lambda: len(slow.calls) == 500, timeout=60, what="a's backlog once its CRM is quick again")
 
 
+def test_many_slow_crms_get_at_most_half_the_workers(fleet, crms, simulator) -> None:
+    """Three tenants whose CRMs answer in 1.5 s, each with a backlog, and two workers: once they are known to
+    be slow they share one worker between them, and the healthy tenant keeps the other."""
+    slow = ("a", "c", "d")
+    for name in slow:
+        crms(name).latency = 1.5
+    files = {n: tenant_yaml(n, crms(n).url).replace("card_max_age: 5", "card_max_age: 5, timeout: 10")
+             for n in slow}
+    fleet(("a", "b", "c", "d"), workers=2, backlog={n: 200 for n in slow}, files=files)
+    until(lambda: all(crms(n).uploads for n in slow), timeout=20, what="one answered upload of each slow tenant")
+    in_flight = UploadsInFlight([crms(n) for n in slow])
+    played = [simulator.play("inbound_answered", None, wire("b")) for _ in range(3)]
+    until(lambda: len(uploaded(crms("b"))) == 3, timeout=10, what="the healthy tenant's history")
+    gevent.sleep(2.0)   # a few more slow turns
+    assert in_flight.stop() == 1
+    assert {c["externalId"] for c in uploaded(crms("b"))} == {p.a_leg for p in played}
+
+
 def test_a_rejected_key_skips_the_tenant_without_holding_the_only_worker(fleet, crms, simulator) -> None:
     crms("a").api_key = "the-key-was-revoked-0123"
     crms("a").latency = crms("b").latency = 0.1
