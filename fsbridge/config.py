@@ -340,6 +340,9 @@ class HistorySettings:
                                        _optional_path)
     concurrency: int = setting(4, "Upload requests in flight (to reach 40/s when the CRM is far away)",
                                _number(1, 16, int))
+    upload_workers: int = setting(
+        8, "With tenants_dir: upload workers shared by all tenants, taking turns (one batch each, round robin) "
+        "over the tenants with pending calls; a tenant has one upload in flight at most", _number(1, 256, int))
     retry_max_delay: float = setting(60.0, "Longest wait between retries while the CRM is down (retries never stop)",
                                      _number(1, 3600))
     keep_sent_days: int = setting(30, "Days delivered calls stay in the outbox (0: forever)", _number(0, 3650, int))

@@ -390,7 +390,9 @@ class Bridge:
         m.watch("fsbridge_call_events_queued", "Call events waiting for delivery", lambda: [({}, cards.pending)])
         m.watch("fsbridge_call_events_done_total", "Call events by outcome", lambda: [
             ({"outcome": "sent"}, cards.sent), ({"outcome": "stale"}, cards.dropped_stale),
-            ({"outcome": "queue_full"}, cards.dropped_full), ({"outcome": "rejected"}, cards.rejected)],
+            ({"outcome": "queue_full"}, cards.dropped_full), ({"outcome": "rejected"}, cards.rejected),
+            # Still queued when a reload retired their company (a tenant removed or moved to another account).
+            ({"outcome": "retired"}, self.companies.cards_dropped_retired)],
             counter=True)
         m.watch("fsbridge_calls_finished_total", "Customer calls finished", lambda: [({}, tracker.calls_finished)],
                 counter=True)

@@ -89,6 +89,9 @@ class CardSender:
         # rate limit on it. 0 until measured.
         self._typical = 0.0
         self._greenlets: list[gevent.Greenlet] = []
+        # Cards taken from a lane and not yet answered: stop() waits for them too (a reload retiring a
+        # company must not kill a card mid-request).
+        self.in_flight = 0
 
     @property
     def running(self) -> bool:
@@ -115,7 +118,7 @@ class CardSender:
 
     def stop(self, timeout: float = 5.0) -> None:
         deadline = time.monotonic() + timeout
-        while self.pending and time.monotonic() < deadline:
+        while (self.pending or self.in_flight) and time.monotonic() < deadline:
             gevent.sleep(0.05)
         gevent.killall(self._greenlets, timeout=1.0)
 
@@ -132,11 +135,14 @@ class CardSender:
             taken.move_to_end(event.call_id)
             while next(iter(taken.values()))[1] < now - self.max_age:
                 taken.popitem(last=False)
+            self.in_flight += 1
             try:
                 self.deliver(event)
             except Exception:  # a bug or an odd reply must not end this worker: its lane would stall
                 self.rejected += 1
                 log.exception("call event %s of call %s could not be delivered", event.type, event.call_id)
+            finally:
+                self.in_flight -= 1
 
     def deliver(self, event: CallEvent) -> None:
         deadline = event.created + self.max_age

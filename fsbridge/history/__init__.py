@@ -14,6 +14,7 @@ from fsbridge.config import Config
 from fsbridge.crm.client import RetailCRM
 from fsbridge.history.cdr import CdrBuilder, crm_date
 from fsbridge.history.outbox import Outbox, OutboxError, Stats
+from fsbridge.history.scheduler import FairScheduler
 from fsbridge.history.uploader import IMMEDIATE, PERIODIC, STRATEGIES, Uploader, UploaderStats
 from fsbridge.record_links import RecordLinks
 
@@ -22,6 +23,7 @@ __all__ = [
     "PERIODIC",
     "STRATEGIES",
     "CdrBuilder",
+    "FairScheduler",
     "Outbox",
     "OutboxError",
     "Stats",

@@ -409,6 +409,12 @@ class Outbox:
         with self._lock:
             return self._db.execute("SELECT count(*) FROM calls WHERE state = 0").fetchone()[0]
 
+    def pending_of(self, tenant: str) -> int:
+        """Pending calls of one tenant (its own partial index: a company's backlog, not everybody's)."""
+        with self._lock:
+            return self._db.execute("SELECT count(*) FROM calls WHERE state = 0 AND tenant = ?",
+                                    (tenant,)).fetchone()[0]
+
     def quarantined(self, limit: int | None = None) -> list[Quarantined]:
         with self._lock:
             rows = self._db.execute(

@@ -12,6 +12,10 @@ Failures split by what fixes them:
   with the CRM's words and the rest goes through. The error keys look like `calls[3][result]` in the
   fake, but the real format is unconfirmed, so a refusal that names no call is narrowed down by bisecting
   the batch until single calls are refused.
+
+With tenants_dir, no company's uploader runs a loop of its own: the shared FairScheduler (scheduler.py)
+asks each in turn for one batch (`take_turn`), and a CRM failure puts that company in backoff instead of
+holding a worker while it waits.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gevent
 import gevent.event
@@ -34,6 +38,9 @@ from fsbridge.crm.client import MAX_CALLS_PER_UPLOAD, RetailCRM
 from fsbridge.crm.errors import CRMAuthError, CRMError, CRMRejected
 from fsbridge.history.cdr import CdrBuilder
 from fsbridge.history.outbox import Entry, Outbox, OutboxError
+
+if TYPE_CHECKING:
+    from fsbridge.history.scheduler import FairScheduler
 
 log = logging.getLogger("fsbridge.history")
 
@@ -53,6 +60,13 @@ _MAX_VALUE = 60
 
 class _Stopping(Exception):
     """The uploader is stopping; the batch stays pending."""
+
+
+class _Backoff(Exception):
+    """Scheduled mode: the CRM failed as a whole; the batch stays pending until `until` (time.monotonic())."""
+
+    def __init__(self, until: float) -> None:
+        self.until = until
 
 
 @dataclass(slots=True)
@@ -165,6 +179,11 @@ class Uploader:
         self._sent_at_wait = 0
         # While retailCRM has the module deactivated or frozen (activity.py): calls wait in the outbox.
         self.paused: Callable[[], bool] = lambda: False
+        # With tenants_dir: the shared scheduler that gives this company its turns (no loop of its own), the
+        # name it knows it by, and the failures in a row across turns (the backoff's exponent).
+        self.scheduler: FairScheduler | None = None
+        self.name = ""
+        self._failures = 0
 
     # -- the ESL side ----------------------------------------------------------------------------
 
@@ -185,6 +204,8 @@ class Uploader:
             return
         if self.strategy == IMMEDIATE:
             self._wake.set()
+            if self.scheduler is not None:
+                self.scheduler.wake(self)
 
     def record(self, calls: Sequence[FinishedCall]) -> bool:
         """Store calls rebuilt from FreeSWITCH's CDRs, in one transaction: True once they are durably in the
@@ -205,11 +226,16 @@ class Uploader:
 
     def wake(self) -> None:
         self._wake.set()
+        if self.scheduler is not None:
+            self.scheduler.wake(self)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
         self._stopping = False
+        if self.scheduler is not None:
+            self.scheduler.register(self)
+            return
         self._loop = gevent.spawn(self._run)
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -217,6 +243,9 @@ class Uploader:
         self._stopping = True
         self._wake.set()
         deadline = time.monotonic() + timeout
+        if self.scheduler is not None:
+            # Its turn in flight (if any) finishes within the timeout, or is abandoned: the rows stay pending.
+            self.scheduler.unregister(self, timeout)
         while self._workers and time.monotonic() < deadline:
             gevent.sleep(0.02)
         gevent.killall(list(self._workers), timeout=1.0)
@@ -295,6 +324,28 @@ class Uploader:
                 # Settled rows are already out of the claim; this frees what a stop abandoned.
                 self.outbox.release(e.row for e in entries)
 
+    def take_turn(self) -> float | None:
+        """Scheduled mode: one batch of this company's calls. None when nothing is pending (or it must wait:
+        paused, stopping); else the time.monotonic() from which it may have its next turn (now when more
+        is pending, later in backoff)."""
+        self._flush_unwritten()
+        self._purge()
+        if self._stopping or self.paused():
+            return None
+        give_way()
+        entries = self.outbox.claim(self.batch_size)
+        if not entries:
+            return None
+        try:
+            self._deliver(entries)
+        except _Backoff as backoff:
+            return backoff.until
+        except _Stopping:
+            return None
+        finally:
+            self.outbox.release(e.row for e in entries)
+        return time.monotonic()
+
     def _flush_unwritten(self) -> None:
         while self._unwritten:
             try:
@@ -372,7 +423,13 @@ class Uploader:
                             len(part), exc)
                     self._last_failure = message
                 self._note_failure()
+                if self.scheduler is not None:
+                    # A turn never waits: the company is skipped until then, and the worker serves the others.
+                    self._failures += 1
+                    raise _Backoff(time.monotonic()
+                                   + backoff_delay(self.retry_base, self._failures, self.retry_max)) from None
             else:
+                self._failures = 0
                 self._confirmed(part, reply)
                 return None
             gevent.sleep(delay)
@@ -385,15 +442,20 @@ class Uploader:
             self._waiting_said = True
             self._sent_at_wait = self.stats.sent
             log.warning("call history is waiting on the CRM (failing for %.0f s): %d call(s) wait in the outbox, "
-                        "kept until it accepts them", now - self._failing_since, self.outbox.levels()[0])
+                        "kept until it accepts them", now - self._failing_since, self._waiting())
 
     def _note_success(self) -> None:
         self._failing_since = None
         self._last_failure = ""
-        if self._waiting_said and self.outbox.levels()[0] == 0:
+        if self._waiting_said and self._waiting() == 0:
             self._waiting_said = False
             log.info("call history drained: the CRM took the %d call(s) that waited for it",
                      self.stats.sent - self._sent_at_wait)
+
+    def _waiting(self) -> int:
+        """Calls of this uploader's company that wait (a tenant's own, not the whole shared outbox's)."""
+        counted = getattr(self.outbox, "pending_here", None)
+        return counted() if counted is not None else self.outbox.levels()[0]
 
     def _confirmed(self, part: list[_Item], reply: dict[str, Any]) -> None:
         # Marked at once: a stop or a crash between the CRM's answer and the mark means a re-send.
@@ -419,6 +481,8 @@ class Uploader:
     @property
     def alive(self) -> bool:
         """The loop runs (started and not dead of an unexpected error)."""
+        if self.scheduler is not None:
+            return self.scheduler.alive
         return self._loop is not None and not self._loop.dead
 
     def oldest_pending_age(self) -> float | None:

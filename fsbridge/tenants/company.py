@@ -3,7 +3,13 @@
 Its own CRM client (and with it retailCRM's 40 requests/s budget of that account), its own card queue and
 workers, its own history uploader claiming only its rows of the shared outbox, its own routing lookup and
 manager statuses, its own click-to-call plan. A company whose CRM is down, slow or refusing its key
-therefore delays nobody else's cards or history.
+therefore delays nobody else's cards or history. Its history uploader takes turns with the other
+companies' on the service's shared FairScheduler (history/scheduler.py) when there are tenant files.
+
+A reload that changes a tenant's file but not its CRM account (`same_account`) builds the new Company
+from the old one's CRM client, card queue, key state, activity, statuses and uploader: cards queued or in
+flight stay in order and nothing restarts; only what the settings shape (routing lookup, click-to-call
+plan, history entries, handlers) is built anew.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from fsbridge.crm.client import RetailCRM
 from fsbridge.esl.listener import EventListener
 from fsbridge.health import CrmReachability
 from fsbridge.history.outbox import Entry, Outbox
+from fsbridge.history.scheduler import FairScheduler
 from fsbridge.http.make_call import MakeCallHandler
 from fsbridge.http.status import StatusHandler
 from fsbridge.manager_status import ManagerStatus
@@ -51,6 +58,10 @@ class TenantOutbox:
 
     def oldest_pending(self) -> float | None:
         return self.outbox.oldest_pending(self.tenant)
+
+    def pending_here(self) -> int:
+        """This company's pending calls (the uploader's "waits on the CRM" / "drained" lines count these)."""
+        return self.outbox.pending_of(self.tenant)
 
     def release(self, rows: Iterable[int]) -> None:
         self.outbox.release(rows)
@@ -82,28 +93,51 @@ class KeyState:
             self.rejected_since = None
 
 
+def _account(cfg: Any) -> tuple[Any, ...]:
+    """What the CRM client and the card queue are built from: equal, a reload keeps them."""
+    c = cfg.crm
+    return c.url, c.api_key, c.timeout, c.telephony_rate, c.card_workers, c.card_queue_size
+
+
+def same_account(old: Tenant, new: Tenant) -> bool:
+    return _account(old.cfg) == _account(new.cfg)
+
+
 class Company:
-    """One tenant, running. `observe_crm(company, method, path, status, seconds)` sees every CRM request."""
+    """One tenant, running. `observe_crm(company, method, path, status, seconds)` sees every CRM request.
+
+    `scheduler`: the shared history scheduler (tenant files), None for the single company's own loop.
+    `reuse`: the running company of the same tenant and CRM account that this one replaces (reload)."""
 
     def __init__(self, tenant: Tenant, *, outbox: Outbox, links: RecordLinks, listener: EventListener,
                  tracker: CallTracker, watch: ClickWatch,
                  observe_crm: Callable[[Company, str, str, int | None, float], None] | None = None,
-                 crm: RetailCRM | None = None) -> None:
+                 crm: RetailCRM | None = None, scheduler: FairScheduler | None = None,
+                 reuse: Company | None = None) -> None:
         self.tenant = tenant
         cfg = self.cfg = tenant.cfg
         c = cfg.crm
-        self.crm = crm or RetailCRM(c.url, c.api_key, timeout=c.timeout, telephony_rate=c.telephony_rate)
-        self.reachability = CrmReachability()
-        self.key = KeyState(tenant.label)
         self._observe_crm = observe_crm
+        if reuse is not None:
+            self._take_over(reuse, links)
+        else:
+            self.crm = crm or RetailCRM(c.url, c.api_key, timeout=c.timeout, telephony_rate=c.telephony_rate)
+            self.reachability = CrmReachability()
+            self.key = KeyState(tenant.label)
+            self.cards = CardSender(self.crm, max_age=c.card_max_age, workers=c.card_workers,
+                                    queue_size=c.card_queue_size)
+            self.history = history.uploader(cfg, self.crm, TenantOutbox(outbox, tenant.name), links)
+            if scheduler is not None:
+                self.history.scheduler, self.history.name = scheduler, tenant.name
+                # A turn holds a worker for one attempt, not for the client's retries of half a minute.
+                self.history.request_window = min(self.history.request_window, 2 * c.timeout)
+            self.activity = Activity(self.state_dir(cfg.storage.dir, tenant.name) / "activity.json",
+                                     on_resume=self.history.wake)
+            self.statuses = ManagerStatus(self.state_dir(cfg.storage.dir, tenant.name) / "manager_status.json")
+            self.last_call_at: float | None = None
+            self.calls = 0
         self.crm.observer = self._observe
-        self.cards = CardSender(self.crm, max_age=c.card_max_age, workers=c.card_workers,
-                                queue_size=c.card_queue_size)
-        self.history = history.uploader(cfg, self.crm, TenantOutbox(outbox, tenant.name), links)
-        self.activity = Activity(self.state_dir(cfg.storage.dir, tenant.name) / "activity.json",
-                                 on_resume=self.history.wake)
         self.cards.paused = self.history.paused = lambda: not self.activity.delivering
-        self.statuses = ManagerStatus(self.state_dir(cfg.storage.dir, tenant.name) / "manager_status.json")
         r = cfg.routing
         self.lookup = ManagerLookup(self.crm, cfg.manager_codes, self.statuses, timeout=r.timeout,
                                     cache_ttl=r.cache_ttl, negative_ttl=r.negative_ttl, cache_size=r.cache_size,
@@ -113,8 +147,19 @@ class Company:
         self.status_handler = StatusHandler(cfg.integration.client_id, cfg.manager_codes, self.statuses)
         self.make_call_handler = MakeCallHandler(cfg.integration.client_id, cfg.managers, cfg.external_phones,
                                                  self.originator, off_reason=self.click_to_call_off)
-        self.last_call_at: float | None = None
-        self.calls = 0
+
+    def _take_over(self, old: Company, links: RecordLinks) -> None:
+        """The running parts of `old` (same tenant, same CRM account), under this company's settings."""
+        cfg = self.cfg
+        self.crm, self.reachability, self.key = old.crm, old.reachability, old.key
+        self.key.label = self.tenant.label
+        self.cards, self.activity, self.statuses = old.cards, old.activity, old.statuses
+        self.cards.max_age = cfg.crm.card_max_age
+        up = self.history = old.history
+        # What the history settings shape: the entries (managers, time zone, unassigned code) and the strategy.
+        up.builder = history.builder_from_config(cfg, links)
+        up.strategy, up.period = cfg.history.strategy, cfg.history.period * 60.0
+        self.last_call_at, self.calls = old.last_call_at, old.calls
 
     @property
     def name(self) -> str:
@@ -157,12 +202,22 @@ class Company:
     def stop(self, timeout: float) -> None:
         """Cards get half of `timeout`, the history the rest; what is not sent stays in the outbox."""
         deadline = time.monotonic() + timeout
-        try:
-            self.cards.stop(timeout / 2)
-        except gevent.Timeout:
-            log.warning("tenant %s: call-event workers did not stop in time", self.tenant.label)
+        self.stop_cards(timeout / 2)
         self.history.stop(max(0.5, deadline - time.monotonic()))
         self.crm.close()
+
+    def stop_cards(self, timeout: float) -> int:
+        """Deliver what is queued within `timeout`; the cards still queued then are dropped, counted and
+        said (never lost silently). Returns how many."""
+        try:
+            self.cards.stop(timeout)
+        except gevent.Timeout:
+            log.warning("tenant %s: call-event workers did not stop in time", self.tenant.label)
+        left = self.cards.pending
+        if left:
+            log.warning("tenant %s: %d card(s) still queued when its call-event workers stopped: dropped",
+                        self.tenant.label, left)
+        return left
 
     def dead_workers(self) -> list[str]:
         where = f" of tenant {self.tenant.label}" if self.name else ""

@@ -5,6 +5,18 @@ clientId lookup: each company is filed under an HMAC-SHA256 of its clientId with
 the presented clientId is hashed the same way: one dict lookup, then one constant-time comparison with the
 secret of the company found. Nothing compares the presented value with every tenant's secret, so response
 times say nothing about anybody's secret (the dict sees only digests an attacker cannot steer).
+
+Reload, per tenant file:
+- unchanged: the company runs on untouched;
+- changed, same CRM account (company.same_account): a new Company built on the running one's CRM client,
+  card queue, key state and uploader (no card queued or in flight changes hands, so none is lost or
+  overtaken), with the new managers, DIDs, routing, click-to-call and history settings;
+- changed to another CRM account, or removed: the calls in progress of that tenant stay "pinned" to the
+  old company, whose card queue delivers their remaining cards (in order, to the account they started
+  on); the old company stops once they have all finished, and then its queue drains for up to the card
+  age limit (what is still queued after that is dropped, counted and said). The history of every call
+  goes through the tenant's current company (its rows in the outbox are the tenant's), or, for a
+  removed tenant, stays in the outbox (`fsbridge outbox`) until the tenant comes back.
 """
 
 from __future__ import annotations
@@ -17,7 +29,7 @@ from collections.abc import Callable, Iterator
 
 import gevent
 
-from fsbridge import logs
+from fsbridge import history, logs
 from fsbridge.activity import DEFAULT_PATH as ACTIVITY_PATH
 from fsbridge.activity import MAX_BODY as ACTIVITY_MAX_BODY
 from fsbridge.activity import ActivityHandler
@@ -37,7 +49,7 @@ from fsbridge.record_links import RecordLinks
 from fsbridge.recordings import Recordings
 from fsbridge.routing import ManagerLookup
 from fsbridge.tenants.attribution import Attribution
-from fsbridge.tenants.company import Company
+from fsbridge.tenants.company import Company, same_account
 from fsbridge.tenants.settings import IMPLICIT, Tenant, load_all
 
 log = logging.getLogger("fsbridge.tenants")
@@ -65,6 +77,14 @@ class Companies:
         self._listener: EventListener | None = None
         self._tracker: CallTracker | None = None
         self.started = False
+        # With tenant files, every company's history takes turns on one shared scheduler.
+        self.scheduler = None if self.single else history.FairScheduler(cfg.history.upload_workers)
+        # Calls in progress whose tenant was changed to another CRM account or removed: call id -> the
+        # retired company that still takes their cards (see the module docstring).
+        self._pinned: dict[str, Company] = {}
+        self._retiring: set[Company] = set()
+        self._retirer: gevent.Greenlet | None = None
+        self.cards_dropped_retired = 0
 
     @property
     def single(self) -> bool:
@@ -83,10 +103,11 @@ class Companies:
             self.by_name[tenant.name] = self._company(tenant, crm if tenant.name == IMPLICIT else None)
         self._index()
 
-    def _company(self, tenant: Tenant, crm: RetailCRM | None = None) -> Company:
+    def _company(self, tenant: Tenant, crm: RetailCRM | None = None, reuse: Company | None = None) -> Company:
         assert self._listener is not None and self._tracker is not None
         return Company(tenant, outbox=self.outbox, links=self.links, listener=self._listener,
-                       tracker=self._tracker, watch=self.watch, observe_crm=self.observe_crm, crm=crm)
+                       tracker=self._tracker, watch=self.watch, observe_crm=self.observe_crm, crm=crm,
+                       scheduler=self.scheduler, reuse=reuse)
 
     def _index(self) -> None:
         self._by_client = {self._digest(c.cfg.integration.client_id): c for c in self.by_name.values()}
@@ -132,11 +153,15 @@ class Companies:
     # -- the ESL reading path: enqueue only --
 
     def card(self, event: CallEvent) -> None:
-        company = self.by_name.get(event.tenant)
+        company = self._pinned.get(event.call_id) if self._pinned else None
+        if company is None:
+            company = self.by_name.get(event.tenant)
         if company is not None:
             company.cards.submit(event)
 
     def finished(self, call: FinishedCall) -> None:
+        if self._pinned:
+            self._pinned.pop(call.call_id, None)
         company = self.by_name.get(call.tenant)
         if company is not None:
             company.finished(call)
@@ -154,16 +179,23 @@ class Companies:
     # -- lifecycle --
 
     def start(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.start()
         for company in self:
             company.start()
         self.started = True
 
     def stop(self, timeout: float) -> None:
-        companies = list(self)
-        if not companies:
-            return
-        # Together, not one after the other: a thousand tenants share the same few seconds.
-        gevent.joinall([gevent.spawn(c.stop, timeout) for c in companies], timeout=timeout + 2.0)
+        if self._retirer is not None:
+            self._retirer.kill()
+        companies = list(self) + list(self._retiring)
+        self._retiring.clear()
+        self._pinned.clear()
+        if companies:
+            # Together, not one after the other: a thousand tenants share the same few seconds.
+            gevent.joinall([gevent.spawn(c.stop, timeout) for c in companies], timeout=timeout + 2.0)
+        if self.scheduler is not None:
+            self.scheduler.stop(1.0)
 
     def reload(self) -> dict[str, str]:
         """Apply added, changed and removed tenant files; returns the refusals (tenant -> one line).
@@ -186,32 +218,71 @@ class Companies:
                 by_name[name] = current
                 continue
             logs.add_secrets((tenant.cfg.crm.api_key, tenant.cfg.integration.client_id))
+            if current is not None and same_account(current.tenant, tenant):
+                # Same CRM account: the running parts carry on under the new settings (nothing to start).
+                by_name[name] = self._company(tenant, reuse=current)
+                log.info("tenant %s changed", tenant.label)
+                continue
             company = self._company(tenant)
             if self.started:
                 company.start()
             by_name[name] = company
             if current is not None:
                 retired.append(current)
-            log.info("tenant %s %s", tenant.label, "changed" if current is not None else "added")
+            log.info("tenant %s %s", tenant.label, "changed (new CRM account)" if current is not None else "added")
         for name, company in self.by_name.items():
             if name not in by_name:
                 retired.append(company)
                 log.info("tenant %s removed; its calls still in the outbox stay there", company.tenant.label)
+        self._pin(retired)
         self.tenants, self.by_name, self.errors = loaded.tenants, by_name, dict(loaded.errors)
         self.directory = self._directory()
         if self._tracker is not None:
             self._tracker.directory = self.directory
         self._index()
         if retired:
-            # One after the other, in the background: their cards in flight and history batches finish
-            # meanwhile, and a thousand retired companies do not all wake at once.
-            gevent.spawn(_retire, retired)
+            self._retiring.update(retired)
+            for company in retired:
+                # Its history is the tenant's current company's now (or waits for the tenant to return).
+                gevent.spawn(company.history.stop, 5.0)
+            if self._retirer is None or self._retirer.dead:
+                self._retirer = gevent.spawn(self._retire)
         return dict(loaded.errors)
 
+    def _pin(self, retired: list[Company]) -> None:
+        """The calls in progress of `retired` companies keep sending their cards through them."""
+        if not retired or self._tracker is None:
+            return
+        by_tenant = {c.name: c for c in retired}
+        for leg in self._tracker.legs.values():
+            call = leg.call
+            if call is not None and call.tenant in by_tenant:
+                self._pinned[call.id] = by_tenant[call.tenant]
 
-def _retire(companies: list[Company]) -> None:
-    for company in companies:
-        company.stop(5.0)
+    def _live_calls(self) -> set[str]:
+        return {leg.call.id for leg in self._tracker.legs.values() if leg.call is not None} \
+            if self._tracker is not None else set()
+
+    def _retire(self) -> None:
+        """Stop each retiring company once no call in progress is pinned to it (see the module docstring)."""
+        while self._retiring:
+            gevent.sleep(0.5)
+            if self._pinned:
+                # A call that never finishes as a customer call (no FinishedCall) unpins when its legs are gone.
+                live = self._live_calls()
+                for call_id in [c for c in self._pinned if c not in live]:
+                    del self._pinned[call_id]
+            busy = set(self._pinned.values())
+            done = [c for c in self._retiring if c not in busy]
+            if done:
+                self._retiring.difference_update(done)
+                gevent.joinall([gevent.spawn(self._stop_retired, c) for c in done])
+
+    def _stop_retired(self, company: Company) -> None:
+        # Up to the card age limit: by then every card still queued has been delivered or dropped as stale.
+        self.cards_dropped_retired += company.stop_cards(company.cfg.crm.card_max_age + 1.0)
+        company.history.stop(1.0)
+        company.crm.close()
 
 
 class ByClientId:
