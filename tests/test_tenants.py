@@ -427,6 +427,46 @@ def test_reload_applies_added_changed_removed_and_refuses_a_broken_file(simulato
     assert "tenant beta removed" in caplog.text and "tenant beta added" in caplog.text
 
 
+RINGING = 6
+
+
+def cards_of(crm, call_id: str) -> list[str]:
+    return [e["type"] for e in crm.events if e["callExternalId"] == call_id]
+
+
+def test_a_changed_tenant_keeps_its_waiting_cards_in_order(simulator, crms, tenants_dir, request, caplog) -> None:
+    caplog.set_level(logging.INFO)
+    acme, beta = crms["acme"], crms["beta"]
+    # acme's CRM answers in 0.15 s and acme delivers through one worker: the `in` cards of six ringing
+    # calls queue up (0.9 s of them, under the 2 s after which a backlogged queue goes newest first).
+    acme.latency = 0.15
+    text = tenant_yaml("acme", acme.url).replace("card_max_age: 5", "card_max_age: 5, card_workers: 1")
+    (tenants_dir / "acme.yaml").write_text(text)
+    _path, bridge = request.getfixturevalue("provider_file")
+    ringing = [simulator.play("inbound_answered", None, until="CHANNEL_BRIDGE") for _ in range(RINGING)]
+    other = simulator.play("inbound_answered", None, as_beta("inbound_answered"), until="CHANNEL_BRIDGE")
+    until(lambda: bridge.companies.get("acme").cards.pending >= RINGING // 2, what="acme's cards waiting")
+    # The provider changes acme's file (same account, longer card age) while its cards wait.
+    (tenants_dir / "acme.yaml").write_text(text.replace("card_max_age: 5", "card_max_age: 6"))
+    assert bridge.reload() == {}
+    assert "tenant acme changed" in caplog.text
+    acme.latency = 0.0  # the CRM is quick again: a card sent through another queue now would overtake
+    for played in [*ringing, other]:
+        simulator.resume(played)
+    until(lambda: all("hangup" in cards_of(acme, p.a_leg) for p in ringing), timeout=15,
+          what="every hangup card of acme's calls")
+    until(lambda: "hangup" in cards_of(beta, other.a_leg), what="beta's hangup card")
+    for played in ringing:
+        # Each card once, the `in` first: none was lost with the replaced company, none overtook.
+        assert cards_of(acme, played.a_leg) == ["in", "hangup"], played.a_leg
+    assert cards_of(beta, other.a_leg) == ["in", "hangup"]
+    assert not any(e["callExternalId"] == other.a_leg for e in acme.events)
+    assert bridge.companies.get("acme").cards.max_age == 6
+    until(lambda: len(uploaded(acme)) == RINGING and len(uploaded(beta)) == 1, timeout=15, what="the history")
+    assert sorted(c["externalId"] for c in uploaded(acme)) == sorted(p.a_leg for p in ringing)
+    assert [c["externalId"] for c in uploaded(beta)] == [other.a_leg]
+
+
 def test_register_info_and_check_take_a_tenant(crms, tenants_dir, provider_file) -> None:
     path, _bridge = provider_file
     proc = fsbridge_cli(path, "register")
