@@ -22,7 +22,7 @@ tenant 0 ~27 calls/s, i.e. ~54 card requests/s plus its history uploads, more th
 to /telephony: fsbridge's pacing (crm.telephony_rate 40, x0.95) would let its card queue grow until cards go
 stale, and the fake's limit would answer 503 to whatever went faster. That is a tenant asking more of retailCRM
 than retailCRM allows, not a property of fsbridge, so the load is capped: no tenant gets more than
---max-calls-per-tenant (default 12 calls/s = 24 cards/s + ~1 upload/s, 65 % of the paced budget), and what the
+--max-calls-per-tenant (default 10 calls/s = 20 cards/s + ~2 uploads/s, 58 % of the paced budget), and what the
 cap takes off the top is spread over the others in the same 1/(i+1) proportion. The run prints the largest
 tenants' rates, how many requests the fake refused for the rate limit (per account, should be 0), and fsbridge's
 cards dropped as stale (counted per phase; none expected from a healthy tenant).
@@ -74,6 +74,7 @@ from bench.bench_load import (  # noqa: E402
     CrmSide,
     Fsbridge,
     TimedSimulator,
+    bench_cpu,
     free_port,
     hist_quantile,
     ms,
@@ -186,7 +187,7 @@ class Run:
         self.twice = 0
         self.hub_lags: list[float] = []
         self.hwm = 0.0
-        self.cpu: list[tuple[float, float]] = []  # (time, fsbridge CPU seconds so far)
+        self.cpu: list[tuple[float, float, float, float]] = []  # (time, CPU s so far: fsbridge, fake CRM, this)
         self._stop = False
 
     # -- load --
@@ -255,7 +256,7 @@ class Run:
             try:
                 _, hwm = self.fsb.memory_mb()
                 self.hwm = max(self.hwm, hwm)
-                self.cpu.append((time.time(), self.fsb.cpu_seconds()))
+                self.cpu.append((time.time(), self.fsb.cpu_seconds(), self.crm.cpu_seconds(), bench_cpu()))
             except OSError:
                 pass
             self.collect()
@@ -266,11 +267,12 @@ class Run:
             gevent.sleep(0.005)
             self.hub_lags.append(time.perf_counter() - t - 0.005)
 
-    def cpu_share(self, since: float, until: float) -> float:
-        inside = [(t, c) for t, c in self.cpu if since <= t <= until]
+    def cpu_share(self, since: float, until: float, who: int = 1) -> float:
+        """Share of a core used between `since` and `until`: 1 fsbridge, 2 the fake CRM, 3 this process."""
+        inside = [row for row in self.cpu if since <= row[0] <= until]
         if len(inside) < 2:
             return math.nan
-        return (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
+        return (inside[-1][who] - inside[0][who]) / (inside[-1][0] - inside[0][0])
 
     def pending(self) -> float:
         m = self.fsb.scrape()
@@ -311,7 +313,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tenants", type=int, default=1000)
     parser.add_argument("--rate", type=float, default=200.0, help="calls started per second")
-    parser.add_argument("--max-calls-per-tenant", type=float, default=12.0,
+    parser.add_argument("--max-calls-per-tenant", type=float, default=10.0,
                         help="cap of one tenant's calls/s (its CRM account allows 40 requests/s)")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of calls per phase")
     parser.add_argument("--warmup", type=float, default=10.0, help="seconds of unmeasured calls first")
@@ -452,7 +454,9 @@ def main() -> int:
     ratio = q2 / q1 if q1 else math.nan
     print()
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at the end; fsbridge used "
-          f"{run.cpu_share(p1_from, p1_to):.0%} of a core in phase 1, {run.cpu_share(p2_from, p2_to):.0%} in phase 2; "
+          f"{run.cpu_share(p1_from, p1_to):.0%} of a core in phase 1, {run.cpu_share(p2_from, p2_to):.0%} in phase 2 "
+          f"(the fake CRM process {run.cpu_share(p1_from, p1_to, 2):.0%} and {run.cpu_share(p2_from, p2_to, 2):.0%}, "
+          f"this one {run.cpu_share(p1_from, p1_to, 3):.0%} and {run.cpu_share(p2_from, p2_to, 3):.0%}); "
           f"this process's hub lag p99 {ms(pct(run.hub_lags, 0.99))} (delays the simulator's writes, not the "
           f"latencies); the fake CRM process's hub lag p50/p99/max "
           f"{' / '.join(ms(x) for x in crm.lag) if crm.lag else 'n/a'} (delays its reading of cards: in the latencies)")
