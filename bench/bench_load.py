@@ -630,6 +630,18 @@ def summarize_profile(path: pathlib.Path, top: int = 20) -> None:
 # -- the run ------------------------------------------------------------------------------------------
 
 
+def shut_down(run: Any, fsb: Fsbridge, profiler: subprocess.Popen[bytes] | None, sim: FreeSwitchSimulator,
+              crm: CrmSide) -> int | None:
+    """Stop everything a run started, fsbridge first (its exit status is returned)."""
+    run.stop()
+    rc = fsb.stop()
+    if profiler is not None and profiler.poll() is None:
+        profiler.terminate()
+    sim.stop()
+    crm.stop()
+    return rc
+
+
 def wait_until(pred: Any, timeout: float, step: float = 0.25) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -778,12 +790,7 @@ def main() -> int:
         if profiler is not None:
             profiler.wait(timeout=60)
     finally:
-        run.stop()
-        rc = fsb.stop()
-        if profiler is not None and profiler.poll() is None:
-            profiler.terminate()
-        sim.stop()
-        crm.stop()
+        rc = shut_down(run, fsb, profiler, sim, crm)
 
     # -- report ---------------------------------------------------------------------------------------
     m = final.m

@@ -31,7 +31,8 @@ Phases. --warmup seconds of calls (not measured: each tenant's first card opens 
 (--duration s): every CRM healthy. Phase 2 (--duration s): the same load with --bad of the tenants (chosen at
 random, seeded) down (HTML 503) or answering in 2 s, half each. A card's latency: from the simulator's write of
 the event that caused it to the fake CRM's reading of the request; p99 over the healthy tenants' cards caused in
-each phase, and their ratio. Then the load stops, the outages end, and every call's history must reach its own
+each phase, and their ratio (the same tenants in both: in phase 1, the last cards of the others wait behind
+their CRM's outage). Then the load stops, the outages end, and every call's history must reach its own
 tenant's CRM exactly once. Last, every tenant file is rewritten (a changed card_max_age) and `POST /reload` is
 sent to fsbridge's internal listener (what `fsbridge reload` does; SIGHUP gives no answer to time) while calls go
 on: the answer comes when the reload is done, so its time is the reload's. Every call started from --reload-calls
@@ -80,6 +81,7 @@ from bench.bench_load import (  # noqa: E402
     ms,
     pct,
     pinned,
+    shut_down,
     start_profile,
     summarize_profile,
     verdict,
@@ -331,8 +333,8 @@ def main() -> int:
     parser.add_argument("--blocking-report", type=float, metavar="MS", default=0.0,
                         help="log the stack of any fsbridge greenlet that holds the hub longer than MS (with --keep)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (config, log, outbox)")
-    parser.add_argument("--dump", metavar="CSV", help="write every card: when its event was written, latency, "
-                        "type, tenant")
+    parser.add_argument("--dump", metavar="CSV", help="write every card: when its event was written (s from "
+                        "phase 1), latency, type, tenant, its CRM in phase 2")
     args = parser.parse_args()
     pin = pinned(1)
     if pin is not None:
@@ -437,16 +439,11 @@ def main() -> int:
         log_levels = fsb.log_levels()
         reload_lines = [line for line in fsb.log_path.read_text(errors="replace").splitlines() if "reload" in line]
     finally:
-        run.stop()
-        rc = fsb.stop()
-        if profiler is not None and profiler.poll() is None:
-            profiler.terminate()
-        sim.stop()
-        crm.stop()
+        rc = shut_down(run, fsb, profiler, sim, crm)
 
     # -- report ---------------------------------------------------------------------------------------
-    everyone = set(range(args.tenants))
-    lat1 = run.latencies(p1_from, p1_to, everyone)
+    # The same tenants in both phases: in phase 1 the others' last cards wait behind their CRM's outage.
+    lat1 = run.latencies(p1_from, p1_to, healthy)
     lat2 = run.latencies(p2_from, p2_to, healthy)
     all1 = lat1["in"] + lat1["hangup"] + lat1["out"]
     all2 = lat2["in"] + lat2["hangup"] + lat2["out"]
@@ -460,7 +457,8 @@ def main() -> int:
           f"this process's hub lag p99 {ms(pct(run.hub_lags, 0.99))} (delays the simulator's writes, not the "
           f"latencies); the fake CRM process's hub lag p50/p99/max "
           f"{' / '.join(ms(x) for x in crm.lag) if crm.lag else 'n/a'} (delays its reading of cards: in the latencies)")
-    for name, lat, calls, q, who in (("phase 1, every CRM healthy", lat1, calls1, q1, "all tenants"),
+    for name, lat, calls, q, who in (("phase 1, every CRM healthy", lat1, calls1, q1,
+                                      f"the {len(healthy)} tenants healthy in both phases"),
                                      (f"phase 2, {len(down)} CRMs down (HTML 503) and {len(slow)} answering in "
                                       f"{args.slow:g} s", lat2, calls2, q2, f"the {len(healthy)} healthy tenants")):
         cards = lat["in"] + lat["hangup"] + lat["out"]
@@ -520,11 +518,13 @@ def main() -> int:
           + (f" (kept in {tmp})" if args.keep else ""))
     if args.dump:
         with open(args.dump, "w") as f:
-            f.write("written_at,latency_ms,type,tenant\n")
+            f.write("written_at,latency_ms,type,tenant,crm\n")
             for (call, kind), written in sorted(run.sim.written_at.items(), key=lambda kv: kv[1]):
                 got = run.arrived.get((call, kind))
                 if got is not None:
-                    f.write(f"{written - p1_from:.4f},{(got[0] - written) * 1e3:.3f},{kind},{run.tenant_of[call]}\n")
+                    i = run.tenant_of[call]
+                    state = "down" if i in down else "slow" if i in slow else "healthy"
+                    f.write(f"{written - p1_from:.4f},{(got[0] - written) * 1e3:.3f},{kind},{i},{state}\n")
     if args.profile:
         summarize_profile(pathlib.Path(args.profile))
     if not args.keep:

@@ -22,6 +22,9 @@ from collections.abc import Callable
 
 import gevent
 
+# A wait shorter than this is none: the clock's rounding must not make a caller sleep forever for 1e-16 s.
+_NOW = 1e-9
+
 
 class RateLimiter:
     """Lets one caller through at a time: a token bucket of `burst` tokens refilled at `rate`
@@ -85,7 +88,7 @@ class RateLimiter:
             wait = self._wait(now)
             if deadline is not None and now + wait > deadline:
                 return False
-            while wait > 0:
+            while wait > _NOW:
                 # Again after the sleep: a timer may fire a little early (gevent counts from its loop's
                 # cached time), and a start before the window's second is over is one too many.
                 self._sleep(wait)
