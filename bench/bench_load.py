@@ -217,15 +217,15 @@ class CrmSide:
     _calls: gevent.event.AsyncResult | None = None
 
     @classmethod
-    def start(cls, nagle: bool = False) -> CrmSide:
+    def start(cls, nagle: bool = False, extra: list[str] | None = None, timeout: float = 20.0) -> Any:
         # On CPU 1 with the simulator (the affinity this process has), leaving CPU 0 to fsbridge alone.
         proc = subprocess.Popen([sys.executable, "-m", "bench.fake_crm_process", "--api-key", API_KEY]
-                                + (["--nagle"] if nagle else []),
+                                + (["--nagle"] if nagle else []) + (extra or []),
                                 cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, preexec_fn=pinned(1))
         side = cls(proc)
         ready = gevent.event.Event()
         gevent.spawn(side._read, ready)
-        if not ready.wait(20):
+        if not ready.wait(timeout):
             proc.kill()
             raise SystemExit("the fake CRM process did not start")
         return side
@@ -239,28 +239,34 @@ class CrmSide:
                 print(f"  the fake CRM process wrote a line that is not JSON: {line[:80]!r}", flush=True)
                 continue
             for record in records:
-                kind = record[0]
-                if kind == "card":
-                    self.cards.append(Card(record[1], record[2], record[3]))
-                elif kind == "refused":
-                    self.failed_events[record[2]] += 1
-                elif kind == "upload":
-                    self.uploads[record[1]] += 1
-                    self.upload_times.append(record[2])
-                elif kind == "stored":
-                    self.uploaded.append((record[1], record[2]))
-                    self.duplicates += record[3]
-                elif kind == "lag":
-                    self.lag = record[1]
-                elif kind == "calls":
-                    if self._calls is not None:
-                        self._calls.set(record[1])
-                elif kind == "url":
-                    self.url = record[1]
+                if self._record(record):
                     ready.set()
         # End of its output: it exited (stop(), or it died). Whoever waits for it is told.
         if self._calls is not None and not self._calls.ready():
             self._calls.set_exception(SystemExit(f"the fake CRM process exited ({self.proc.wait()})"))
+
+    def _record(self, record: list[Any]) -> bool:
+        """Take one report record in; True once the fake is listening."""
+        kind = record[0]
+        if kind == "card":
+            self.cards.append(Card(record[1], record[2], record[3]))
+        elif kind == "refused":
+            self.failed_events[record[2]] += 1
+        elif kind == "upload":
+            self.uploads[record[1]] += 1
+            self.upload_times.append(record[2])
+        elif kind == "stored":
+            self.uploaded.append((record[1], record[2]))
+            self.duplicates += record[3]
+        elif kind == "lag":
+            self.lag = record[1]
+        elif kind == "calls":
+            if self._calls is not None:
+                self._calls.set(record[1])
+        elif kind == "url":
+            self.url = record[1]
+            return True
+        return False
 
     def _send(self, **command: Any) -> None:
         assert self.proc.stdin is not None
@@ -624,6 +630,18 @@ def summarize_profile(path: pathlib.Path, top: int = 20) -> None:
 # -- the run ------------------------------------------------------------------------------------------
 
 
+def shut_down(run: Any, fsb: Fsbridge, profiler: subprocess.Popen[bytes] | None, sim: FreeSwitchSimulator,
+              crm: CrmSide) -> int | None:
+    """Stop everything a run started, fsbridge first (its exit status is returned)."""
+    run.stop()
+    rc = fsb.stop()
+    if profiler is not None and profiler.poll() is None:
+        profiler.terminate()
+    sim.stop()
+    crm.stop()
+    return rc
+
+
 def wait_until(pred: Any, timeout: float, step: float = 0.25) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -772,12 +790,7 @@ def main() -> int:
         if profiler is not None:
             profiler.wait(timeout=60)
     finally:
-        run.stop()
-        rc = fsb.stop()
-        if profiler is not None and profiler.poll() is None:
-            profiler.terminate()
-        sim.stop()
-        crm.stop()
+        rc = shut_down(run, fsb, profiler, sim, crm)
 
     # -- report ---------------------------------------------------------------------------------------
     m = final.m

@@ -168,3 +168,42 @@ def test_an_odd_not_exist_codes_reply_neither_stops_the_worker_nor_reaches_the_l
         assert "FAKE" not in caplog.text
     finally:
         sender.stop()
+
+
+def _live_greenlets() -> int:
+    import gc
+
+    from greenlet import greenlet
+
+    return sum(1 for o in gc.get_objects() if isinstance(o, greenlet) and o and not o.dead)
+
+
+def test_idle_companies_hold_no_card_workers_and_cards_still_go_out(fake_crm) -> None:
+    # A virtual PBX runs one sender per company: a thousand idle companies' eight workers each were eight
+    # thousand suspended greenlets (~100 MB). Workers exist while a company has cards to deliver.
+    before = _live_greenlets()
+    senders = [CardSender(RetailCRM(fake_crm.url, API_KEY, telephony_rate=0), workers=8) for _ in range(50)]
+    early = senders[3]
+    early.submit(card("in", "early"))   # before the start: goes out at the start
+    for sender in senders:
+        sender.start()
+    try:
+        until(lambda: early.sent == 1, what="the card queued before the start")
+        assert _live_greenlets() - before < 10
+        assert all(s.running for s in senders)
+        busy = senders[7]
+        for call in "abcdefgh":
+            busy.submit(card("in", call))
+        busy.submit(card("hangup", "a"))
+        until(lambda: busy.sent == 9, what="the busy company's nine cards")
+        assert sorted(delivered(fake_crm)) == sorted([("in", c) for c in "abcdefgh"] + [("hangup", "a"),
+                                                                                          ("in", "early")])
+        # Delivered: its workers ended too, and the next card starts one again.
+        until(lambda: _live_greenlets() - before < 10, what="the workers to end once idle")
+        busy.submit(card("hangup", "b"))
+        until(lambda: busy.sent == 10, what="a card after the workers ended")
+        assert delivered(fake_crm)[-1] == ("hangup", "b")
+    finally:
+        for sender in senders:
+            sender.stop()
+

@@ -331,6 +331,34 @@ def test_limiter_spacing_is_exact() -> None:
     assert limiter.acquire() and clock[0] == pytest.approx(200.025)
 
 
+def test_limiter_burst_lets_a_few_go_at_once_and_keeps_every_second_under_the_rate() -> None:
+    # Call events: a company whose calls ring close together must not wait 26 ms per card for its slot, but
+    # retailCRM counts requests per second: never more than the rate in any one second (and one slot).
+    clock = [100.0]
+
+    def sleep(seconds: float) -> None:
+        clock[0] += seconds
+
+    limiter = RateLimiter(10.0, burst=4, clock=lambda: clock[0], sleep=sleep)
+    starts = []
+    for _ in range(4):
+        assert limiter.acquire()
+        starts.append(clock[0])
+    assert starts == [100.0] * 4   # from idle: four at once
+    for _ in range(26):
+        assert limiter.acquire()
+        starts.append(clock[0])
+    for i, t in enumerate(starts):
+        assert sum(1 for u in starts[i:] if u < t + 1.1 - 1e-9) <= 10, starts
+    assert starts[-1] - starts[0] < 3.0   # and the rate itself is kept up: 30 starts in under 3 s
+    # Idle time earns `burst` slots, no more.
+    clock[0] += 60.0
+    quiet = clock[0]
+    for _ in range(5):
+        assert limiter.acquire()
+    assert clock[0] == pytest.approx(quiet + 0.1)
+
+
 def test_limiter_deadline_while_queued() -> None:
     limiter = RateLimiter(5.0)  # one slot per 0.2 s
     assert limiter.acquire()

@@ -10,6 +10,10 @@ worker takes the newest card first: the calls ringing now matter, and in first-c
 every card would reach the CRM at the end of its life. An older card of a call whose newer
 card went first is dropped as stale (a `hangup` sent, the `in` of that call is no use).
 When a worker's queue is full, its oldest card makes room.
+
+Workers are started on demand: a lane's greenlet is spawned by the card that finds it idle and ends when
+the lane is empty. A virtual PBX runs a CardSender per company, and a thousand companies' idle workers
+(eight each, every one a suspended greenlet holding a copy of its stack) cost ~100 MB for nothing.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ import zlib
 from collections.abc import Callable
 
 import gevent
-import gevent.event
 
 from fsbridge.calls.model import CallEvent
 from fsbridge.config import EXTENSION_RE
@@ -38,12 +41,12 @@ BACKLOG_AFTER = 2.0
 class _Lane:
     """One worker's waiting cards: first come first served, newest first once backlogged."""
 
-    __slots__ = ("items", "maxsize", "ready")
+    __slots__ = ("items", "maxsize", "worker")
 
     def __init__(self, maxsize: int) -> None:
         self.items: collections.deque[tuple[int, CallEvent]] = collections.deque()
         self.maxsize = maxsize
-        self.ready = gevent.event.Event()
+        self.worker: gevent.Greenlet | None = None  # delivering this lane's cards; None while it is empty
 
     def qsize(self) -> int:
         return len(self.items)
@@ -52,14 +55,13 @@ class _Lane:
         """Queue `event`; the oldest card it pushed out when the lane was full, else None."""
         pushed_out = self.items.popleft()[1] if len(self.items) >= self.maxsize else None
         self.items.append((seq, event))
-        self.ready.set()
         return pushed_out
 
-    def get(self) -> tuple[int, CallEvent]:
+    def get(self) -> tuple[int, CallEvent] | None:
+        """The next card to deliver; None when the lane is empty."""
         items = self.items
-        while not items:
-            self.ready.clear()
-            self.ready.wait()
+        if not items:
+            return None
         if time.monotonic() - items[0][1].created >= BACKLOG_AFTER:
             return items.pop()
         return items.popleft()
@@ -88,14 +90,15 @@ class CardSender:
         # would most likely reach the manager after its limit, and would spend a request of the CRM's
         # rate limit on it. 0 until measured.
         self._typical = 0.0
-        self._greenlets: list[gevent.Greenlet] = []
+        self._started = False
+        self._crashed = False  # a worker ended by an exception its loop does not catch
         # Cards taken from a lane and not yet answered: stop() waits for them too (a reload retiring a
         # company must not kill a card mid-request).
         self.in_flight = 0
 
     @property
     def running(self) -> bool:
-        return bool(self._greenlets) and not any(g.dead for g in self._greenlets)
+        return self._started and not self._crashed
 
     @property
     def pending(self) -> int:
@@ -112,20 +115,43 @@ class CardSender:
             if self.dropped_full == 1 or self.dropped_full % 1000 == 0:
                 log.error("call-event queue full (%d waiting): dropped the oldest, %d card(s) so far; the CRM "
                           "is not keeping up", queue.qsize(), self.dropped_full)
+        if self._started:
+            self._wake(queue)
+
+    def _wake(self, queue: _Lane) -> None:
+        if queue.worker is None and queue.items:
+            queue.worker = gevent.spawn(self._work, queue)
+            queue.worker.link_exception(self._worker_crashed)
+
+    def _worker_crashed(self, worker: gevent.Greenlet) -> None:
+        self._crashed = True
+        log.error("a call-event worker ended: %r", worker.exception)
 
     def start(self) -> None:
-        self._greenlets = [gevent.spawn(self._work, q) for q in self.queues]
+        self._started = True
+        for queue in self.queues:  # cards submitted before the start
+            self._wake(queue)
 
     def stop(self, timeout: float = 5.0) -> None:
         deadline = time.monotonic() + timeout
         while (self.pending or self.in_flight) and time.monotonic() < deadline:
             gevent.sleep(0.05)
-        gevent.killall(self._greenlets, timeout=1.0)
+        self._started = False
+        gevent.killall([q.worker for q in self.queues if q.worker is not None], timeout=1.0)
 
     def _work(self, queue: _Lane) -> None:
+        try:
+            self._drain(queue)
+        finally:
+            queue.worker = None
+
+    def _drain(self, queue: _Lane) -> None:
         taken = self._taken
         while True:
-            seq, event = queue.get()
+            item = queue.get()
+            if item is None:
+                return   # the next card starts a new worker
+            seq, event = item
             newest = taken.get(event.call_id)
             if newest is not None and newest[0] > seq:
                 self._stale(event, "a newer event of the same call went first")

@@ -51,6 +51,9 @@ CALL_EVENT_BACKOFF_CAP = 0.5
 # the network and our own scheduler add to one request but not the next. Pacing at 95 %
 # of the limit leaves ~50 ms per second for that jitter.
 PACING = 0.95
+# /telephony requests that may start back to back (ratelimit.py): spaced strictly, a company's cards
+# waited for their slot whenever two calls rang within 26 ms; never more than the rate in one second.
+TELEPHONY_BURST = 4
 # Every greenlet holding a request in flight needs its own connection; fewer kept idle
 # would make the rest open and throw away connections.
 POOL_MAXSIZE = 64
@@ -183,7 +186,7 @@ class RetailCRM:
         self.timeout = timeout
         self._limiters: dict[str, RateLimiter | None] = {
             # 0: no pacing (a test bed without retailCRM's limit).
-            "telephony": RateLimiter(telephony_rate * PACING) if telephony_rate else None,
+            "telephony": RateLimiter(telephony_rate * PACING, burst=TELEPHONY_BURST) if telephony_rate else None,
             "general": RateLimiter(general_rate * PACING) if general_rate else None,
         }
         # Told of every attempt: (method, path, HTTP status or None when no reply, seconds); for metrics.

@@ -20,6 +20,7 @@ implicit tenant (name "") and matches every domain: the single-company setup, un
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import re
 from collections.abc import Iterable, Mapping
@@ -133,24 +134,54 @@ def parse(name: str, raw: Any, top: Config, *, where: str, fingerprint: str = ""
     managers = _checked(where, "managers", _managers, raw.get("managers"))
     phones = _checked(where, "external_phones", _phones, raw.get("external_phones"))
     replaced: dict[str, Any] = {"managers": managers, "external_phones": phones, "tenants_dir": None}
-    for section, (cls, allowed) in _OVERRIDES.items():
+    for section, (cls, _allowed) in _OVERRIDES.items():
         given = raw.get(section) or {}
         current = getattr(top, section)
-        base = {k: getattr(current, k) for k in allowed if k not in _OWN.get(section, ())}
-        base = {k: v for k, v in base.items() if v is not None}
+        base = _inherited(top, section)
+        if not given and section not in _OWN and section != "originate":
+            replaced[section] = current   # nothing of its own: the provider's settings as they are
+            continue
         if section == "originate" and "manager_dial" not in given and base.get("manager_dial") == "user/{code}":
-            base["manager_dial"] = TENANT_MANAGER_DIAL   # extension 100 exists in every domain
+            base = {**base, "manager_dial": TENANT_MANAGER_DIAL}   # extension 100 exists in every domain
         try:
             # No environment: FSBRIDGE_CRM_API_KEY and the like are the single company's, not every tenant's.
-            # The provider's values of what a tenant may not set are kept as they are (not checked again).
-            provider_only = frozenset(f"{section}.{f.name}" for f in dataclasses.fields(cls) if f.name not in allowed)
-            values = _apply(cls, {**base, **given}, f"{section}.", env={}, optional=provider_only)
+            # What the tenant does not set is the provider's value, checked when the main config was read:
+            # only the file's own values are checked here (a reload of a thousand files did it all again).
+            values = _apply(cls, given, f"{section}.", env={}, optional=_optional(section, cls, base))
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
-        replaced[section] = dataclasses.replace(current, **values)
+        replaced[section] = dataclasses.replace(current, **{**base, **values})
     cfg = dataclasses.replace(top, **replaced)
     _cross_check(cfg, where)
     return Tenant(name, cfg, domains, None, fingerprint)
+
+
+# The provider's values a tenant file inherits, per (main config, section): the same for every file.
+_INHERITED: dict[tuple[int, str], tuple[Config, dict[str, Any]]] = {}
+
+
+def _inherited(top: Config, section: str) -> dict[str, Any]:
+    key = (id(top), section)
+    cached = _INHERITED.get(key)
+    if cached is None or cached[0] is not top:
+        if len(_INHERITED) > 64:
+            _INHERITED.clear()
+        allowed = _OVERRIDES[section][1]
+        current = getattr(top, section)
+        base = {k: getattr(current, k) for k in sorted(allowed) if k not in _OWN.get(section, ())}
+        cached = _INHERITED[key] = (top, {k: v for k, v in base.items() if v is not None})
+    return dict(cached[1])
+
+
+@functools.cache
+def _provider_only(section: str, cls: type) -> frozenset[str]:
+    allowed = _OVERRIDES[section][1]
+    return frozenset(f"{section}.{f.name}" for f in dataclasses.fields(cls) if f.name not in allowed)
+
+
+def _optional(section: str, cls: type, base: Mapping[str, Any]) -> frozenset[str]:
+    """Required settings a tenant file may leave out: the provider's own, and those it inherits."""
+    return _provider_only(section, cls) | {f"{section}.{k}" for k in base}
 
 
 def _cross_check(cfg: Config, where: str) -> None:
