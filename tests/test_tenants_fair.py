@@ -327,3 +327,22 @@ def test_reload_of_a_changed_file_keeps_the_tenants_running_parts(fleet, crms) -
     assert a.history.builder.managers["300"] == 1   # its history entries follow the new file
     assert bridge.companies.get("b") is before["b"]
     assert not bridge.companies._retiring
+
+
+def test_the_poll_turns_only_to_tenants_with_calls_waiting(fleet, crms) -> None:
+    # The poll is the safety net for calls nobody woke an uploader for; with a thousand tenants, a turn
+    # for each of them every poll held up everybody's cards.
+    bridge = fleet(("a", "b", "c"), workers=2)
+    scheduler = bridge.companies.scheduler
+    until(lambda: scheduler.in_flight == 0, what="the start-up turns")
+    before = scheduler.turns
+    # b's calls reach the outbox without waking its uploader (as after a wake lost to a crash of its turn).
+    bridge.outbox.add_many([dataclasses.replace(make_call(i, external_phone=did("b", 1)), call_id=f"b-poll-{i}",
+                                                tenant="b") for i in range(3)])
+    scheduler.poll_interval, scheduler._next_poll = 0.2, 0.0
+    scheduler._changed.set()
+    until(lambda: len(uploaded(crms("b"))) == 3, what="b's calls found by the poll")
+    gevent.sleep(1.0)  # five more polls
+    assert uploaded(crms("a")) == [] and uploaded(crms("c")) == []
+    # b's batch, and the turn that found nothing more: not a turn per tenant per poll.
+    assert scheduler.turns - before <= 3

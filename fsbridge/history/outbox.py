@@ -157,6 +157,7 @@ class Outbox:
     def __init__(self, path: str | os.PathLike[str], *, fsync: bool = False, busy_timeout: float = 0.5,
                  create: bool = True, checkpoint_interval: float | None = None) -> None:
         self.path = Path(path)
+        self._next_purge = 0.0
         if not create and not self.path.exists():
             raise OutboxError(f"no outbox at {self.path}")
         if create:
@@ -334,6 +335,15 @@ class Outbox:
             if state == QUARANTINED:
                 self._quarantined += cur.rowcount
             self._inflight.difference_update(rows)
+
+    def purge_due(self, every: float) -> bool:
+        """Whether a purge is due (then the next one is `every` seconds away): the uploaders sharing this
+        file purge it once between them."""
+        now = time.monotonic()
+        if now < self._next_purge:
+            return False
+        self._next_purge = now + every
+        return True
 
     def purge_sent(self, older_than: float, chunk: int = 1000) -> int:
         """Forget calls delivered more than `older_than` seconds ago.

@@ -170,7 +170,6 @@ class Uploader:
         self._loop: gevent.Greenlet | None = None
         self._workers: set[gevent.Greenlet] = set()
         self._stopping = False
-        self._next_purge = 0.0
         # Seconds of failures before the log says the history waits on the CRM (once per episode).
         self.waiting_after = 10.0
         self._failing_since: float | None = None
@@ -223,6 +222,11 @@ class Uploader:
         """Which of these call ids are already in the history (outbox, or held in memory)."""
         held = {c.call_id for c in self._unwritten}
         return self.outbox.known(call_ids) | (held & set(call_ids))
+
+    @property
+    def holds_unwritten(self) -> bool:
+        """Finished calls kept in memory because the outbox refused to store them."""
+        return bool(self._unwritten)
 
     def wake(self) -> None:
         self._wake.set()
@@ -356,9 +360,9 @@ class Uploader:
             self.stats.unwritten = len(self._unwritten)
 
     def _purge(self) -> None:
-        if self.keep_sent is None or time.monotonic() < self._next_purge:
+        # Hourly, and once per outbox file, not per company: with tenants a thousand uploaders share it.
+        if self.keep_sent is None or not self.outbox.purge_due(3600.0):
             return
-        self._next_purge = time.monotonic() + 3600.0
         try:
             purged = self.outbox.purge_sent(self.keep_sent)
         except sqlite3.Error as exc:

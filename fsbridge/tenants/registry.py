@@ -78,7 +78,8 @@ class Companies:
         self._tracker: CallTracker | None = None
         self.started = False
         # With tenant files, every company's history takes turns on one shared scheduler.
-        self.scheduler = None if self.single else history.FairScheduler(cfg.history.upload_workers)
+        self.scheduler = None if self.single else history.FairScheduler(
+            cfg.history.upload_workers, pending=outbox.pending_by_tenant)
         # Calls in progress whose tenant was changed to another CRM account or removed: call id -> the
         # retired company that still takes their cards (see the module docstring).
         self._pinned: dict[str, Company] = {}
