@@ -98,18 +98,31 @@ class Metrics:
 
     def render(self) -> bytes:
         # Rendering everything at once took ~4 ms with 5 000 calls in progress, during which no event was
-        # read and no card sent; other greenlets run between metric families instead.
-        return generate_latest(_Yielding(self.registry))  # type: ignore[arg-type]
+        # read and no card sent; other greenlets run between metric families instead, and within a large
+        # family every RENDER_CHUNK samples (1 000 tenants' card outcomes, 4 000 samples, held the hub 81 ms).
+        parts: list[bytes] = []
+        for family in self.registry.collect():
+            samples = family.samples
+            for start in range(0, max(len(samples), 1), RENDER_CHUNK):
+                family.samples = samples[start:start + RENDER_CHUNK]
+                text = generate_latest(_One(family))  # type: ignore[arg-type]
+                # One HELP/TYPE header per family: the later chunks are sample lines only.
+                parts.append(text if start == 0 else text.split(b"\n", 2)[2])
+                give_way()
+            family.samples = samples
+        return b"".join(parts)
 
 
-class _Yielding:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.registry = registry
+# Samples formatted between two turns of the other greenlets (~20 us each).
+RENDER_CHUNK = 100
+
+
+class _One:
+    def __init__(self, family: Any) -> None:
+        self.family = family
 
     def collect(self) -> Iterator[Any]:
-        for family in self.registry.collect():
-            yield family
-            give_way()
+        yield self.family
 
 
 class _Levels(Collector):
@@ -125,6 +138,8 @@ class _Levels(Collector):
         labels = sorted({k for row, _ in rows for k in row})
         kind = CounterMetricFamily if self.counter else GaugeMetricFamily
         family = kind(self.name, self.doc, labels=labels)
-        for row, value in rows:
+        for n, (row, value) in enumerate(rows, 1):
             family.add_metric([row.get(k, "") for k in labels], value)
+            if n % RENDER_CHUNK == 0:
+                give_way()
         yield family
