@@ -419,6 +419,11 @@ class Outbox:
         with self._lock:
             return self._db.execute("SELECT count(*) FROM calls WHERE state = 0").fetchone()[0]
 
+    def pending_here(self) -> int:
+        """The pending calls of the company this outbox serves: all of them (a tenant's share,
+        tenants.company.TenantOutbox, counts its own)."""
+        return self.levels()[0]
+
     def pending_of(self, tenant: str) -> int:
         """Pending calls of one tenant (its own partial index: a company's backlog, not everybody's)."""
         with self._lock:

@@ -458,8 +458,7 @@ class Uploader:
 
     def _waiting(self) -> int:
         """Calls of this uploader's company that wait (a tenant's own, not the whole shared outbox's)."""
-        counted = getattr(self.outbox, "pending_here", None)
-        return counted() if counted is not None else self.outbox.levels()[0]
+        return self.outbox.pending_here()
 
     def _confirmed(self, part: list[_Item], reply: dict[str, Any]) -> None:
         # Marked at once: a stop or a crash between the CRM's answer and the mark means a re-send.

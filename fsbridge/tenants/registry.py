@@ -40,7 +40,7 @@ from fsbridge.config import Config
 from fsbridge.crm.client import RetailCRM
 from fsbridge.esl.listener import EventListener
 from fsbridge.history.outbox import Outbox
-from fsbridge.http.app import Request, Response, Router
+from fsbridge.http.app import Request, Response, Router, same_secret
 from fsbridge.http.lookup import RoutingHandler
 from fsbridge.http.make_call import DEFAULT_PATH as MAKE_CALL_PATH
 from fsbridge.http.status import DEFAULT_PATH as STATUS_PATH
@@ -128,8 +128,7 @@ class Companies:
 
     def by_client_id(self, given: str) -> Company | None:
         company = self._by_client.get(self._digest(given)) if given else None
-        if company is None or not hmac.compare_digest(given.encode("utf-8", "surrogateescape"),
-                                                      company.cfg.integration.client_id.encode()):
+        if company is None or not same_secret(given, company.cfg.integration.client_id):
             return None
         return company
 
@@ -281,8 +280,8 @@ class Companies:
 
     def _stop_retired(self, company: Company) -> None:
         # Up to the card age limit: by then every card still queued has been delivered or dropped as stale.
+        # (Its history uploader was stopped by the reload that retired it.)
         self.cards_dropped_retired += company.stop_cards(company.cfg.crm.card_max_age + 1.0)
-        company.history.stop(1.0)
         company.crm.close()
 
 
