@@ -26,6 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from fsbridge.background import give_way
+from fsbridge.esl.protocol import digits
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -78,7 +79,7 @@ class Metrics:
         if child is None:
             child = self._event_children[name] = self.events.labels(name)
         child.inc()
-        if fired_us and fired_us.isdigit():
+        if fired_us and digits(fired_us):
             self.ingest_lag.observe(max(0.0, time.time() - int(fired_us) / 1e6))
 
     def on_crm_request(self, method: str, path: str, status: int | None, seconds: float) -> None:

@@ -325,6 +325,12 @@ class Bridge:
         finally:
             self.hub_watch.stop()
 
+    def _history_to_send(self) -> bool:
+        """Whether a company that can deliver (running, not switched off) still has calls of its own waiting:
+        a switched-off company's or a removed tenant's calls must not hold up a shutdown."""
+        pending = self.outbox.pending_by_tenant()
+        return any(pending.get(c.name) and c.history.alive and c.activity.delivering for c in self.companies)
+
     def _stop(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         if self._periodic is not None:
@@ -336,8 +342,7 @@ class Bridge:
         for company in self.companies:
             company.history.wake()
         # (A company retailCRM has switched off keeps its calls waiting: nothing to wait for there.)
-        while self.outbox.levels()[0] and any(c.history.alive and c.activity.delivering for c in self.companies) \
-                and time.monotonic() < deadline - 1.0:
+        while time.monotonic() < deadline - 1.0 and self._history_to_send():
             gevent.sleep(0.05)
         self.companies.stop(max(1.0, deadline - time.monotonic()))
         pending = self.outbox.levels()[0]

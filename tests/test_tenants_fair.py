@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import pathlib
 import textwrap
+import time
 
 import gevent
 import pytest
@@ -346,3 +347,20 @@ def test_the_poll_turns_only_to_tenants_with_calls_waiting(fleet, crms) -> None:
     assert uploaded(crms("a")) == [] and uploaded(crms("c")) == []
     # b's batch, and the turn that found nothing more: not a turn per tenant per poll.
     assert scheduler.turns - before <= 3
+
+
+def test_a_switched_off_tenants_waiting_calls_do_not_hold_up_a_shutdown(fleet, crms) -> None:
+    # a's module is deactivated in retailCRM: its calls wait in the outbox, and there is nothing to wait for
+    # at shutdown; b has nothing left. The shutdown used to wait its whole timeout on the outbox-wide count.
+    bridge = fleet(("a", "b"))
+    bridge.companies.get("a").activity.set(False, False)
+    bridge.outbox.add_many([dataclasses.replace(make_call(i, external_phone=did("a", 1)), call_id=f"a-off-{i}",
+                                                tenant="a") for i in range(3)])
+    gevent.sleep(1.0)  # a's switched-off calls stay where they are meanwhile
+    assert uploaded(crms("a")) == []
+    started = time.monotonic()
+    bridge.stop(timeout=30.0)
+    assert time.monotonic() - started < 15.0
+    assert uploaded(crms("a")) == []
+    with Outbox(bridge.outbox.path) as outbox:
+        assert outbox.pending_by_tenant() == {"a": 3}

@@ -45,6 +45,7 @@ from fsbridge.background import give_way
 from fsbridge.calls.legs import Directory
 from fsbridge.calls.model import FinishedCall
 from fsbridge.calls.tracker import CallTracker
+from fsbridge.esl.protocol import digits
 from fsbridge.record_links import valid_record_id
 
 log = logging.getLogger("fsbridge.cdr")
@@ -107,14 +108,9 @@ def _str(value: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
-def _digits(text: str) -> bool:
-    """ASCII digits only: str.isdigit() also takes '²' and other characters int() refuses."""
-    return text.isascii() and text.isdigit()
-
-
 def _us(value: Any) -> int:
     text = _str(value)
-    return int(text) if _digits(text) else 0
+    return int(text) if digits(text) else 0
 
 
 def parse_document(text: str, name: str, records_dir: Path | None, mtime: float = 0.0) -> LegRecord:
@@ -206,9 +202,9 @@ def parse_document(text: str, name: str, records_dir: Path | None, mtime: float 
         headers["Other-Leg-Unique-ID"] = originator
     refs.discard(uuid)
     ms = var("record_ms")
-    if not _digits(ms):
+    if not digits(ms):
         seconds = var("record_seconds")
-        ms = str(int(seconds) * 1000) if _digits(seconds) else ""
+        ms = str(int(seconds) * 1000) if digits(seconds) else ""
     return LegRecord(name=name, uuid=uuid, headers=headers, refs=frozenset(refs), created_us=created,
                      rang_us=rang, bridged_us=bridged if partner else 0, partner=partner, end_us=end,
                      cause=var("hangup_cause"), record_path=_record_path(doc, var, records_dir),
@@ -428,6 +424,8 @@ class CdrSpool:
             for step in (self.reconcile, self.cleanup):
                 try:
                     step()
+                    # Recovered: the next failure of this step is said again.
+                    self._said = {k for k in self._said if not k.startswith(f"{step.__name__}:")}
                 except Exception as exc:
                     self._say_once(f"{step.__name__}:{type(exc).__name__}",
                                    f"CDR {step.__name__} failed ({type(exc).__name__}: {exc}); retrying every "

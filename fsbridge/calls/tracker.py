@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from fsbridge.calls import outcome
 from fsbridge.calls.legs import CUSTOMER, MANAGER, OTHER, Directory, Leg, classify
 from fsbridge.calls.model import CallEvent, FinishedCall
-from fsbridge.esl.protocol import Event
+from fsbridge.esl.protocol import Event, digits
 from fsbridge.history.cdr import record_id_of
 
 log = logging.getLogger("fsbridge.calls")
@@ -275,7 +275,7 @@ class CallTracker:
         if path:
             leg.call.recording_path = path
             ms = ev.get("variable_record_ms") or ev.get("variable_record_seconds")
-            if ms and ms.isdigit():
+            if ms and digits(ms):
                 leg.call.recording_ms = int(ms) if ev.get("variable_record_ms") else int(ms) * 1000
 
     @staticmethod
@@ -437,4 +437,4 @@ class CallTracker:
 
 
 def _int(text: str | None) -> int:
-    return int(text) if text and text.isdigit() else 0
+    return int(text) if text and digits(text) else 0

@@ -121,6 +121,7 @@ class CardSender:
     def _wake(self, queue: _Lane) -> None:
         if queue.worker is None and queue.items:
             queue.worker = gevent.spawn(self._work, queue)
+            self._crashed = False  # the lane has a worker again: the sender works
             queue.worker.link_exception(self._worker_crashed)
 
     def _worker_crashed(self, worker: gevent.Greenlet) -> None:

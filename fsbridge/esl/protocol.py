@@ -20,6 +20,12 @@ Event = Mapping[str, str]
 """An event: header name -> decoded value; a body, if any, under "_body" (FreeSWITCH's JSON key)."""
 
 
+def digits(text: str) -> bool:
+    """ASCII digits only, as FreeSWITCH writes numbers: str.isdigit() also takes '²' and other characters
+    int() refuses (a ValueError that would drop the whole event)."""
+    return text.isascii() and text.isdigit()
+
+
 class ProtocolError(Exception):
     """The peer sent something that is not Event Socket framing."""
 

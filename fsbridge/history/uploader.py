@@ -334,9 +334,10 @@ class Uploader:
         is pending, later in backoff)."""
         self._flush_unwritten()
         self._purge()
+        give_way()
+        # After giving way, right before the claim: retailCRM may have switched the module off meanwhile.
         if self._stopping or self.paused():
             return None
-        give_way()
         entries = self.outbox.claim(self.batch_size)
         if not entries:
             return None
@@ -446,19 +447,15 @@ class Uploader:
             self._waiting_said = True
             self._sent_at_wait = self.stats.sent
             log.warning("call history is waiting on the CRM (failing for %.0f s): %d call(s) wait in the outbox, "
-                        "kept until it accepts them", now - self._failing_since, self._waiting())
+                        "kept until it accepts them", now - self._failing_since, self.outbox.pending_here())
 
     def _note_success(self) -> None:
         self._failing_since = None
         self._last_failure = ""
-        if self._waiting_said and self._waiting() == 0:
+        if self._waiting_said and self.outbox.pending_here() == 0:
             self._waiting_said = False
             log.info("call history drained: the CRM took the %d call(s) that waited for it",
                      self.stats.sent - self._sent_at_wait)
-
-    def _waiting(self) -> int:
-        """Calls of this uploader's company that wait (a tenant's own, not the whole shared outbox's)."""
-        return self.outbox.pending_here()
 
     def _confirmed(self, part: list[_Item], reply: dict[str, Any]) -> None:
         # Marked at once: a stop or a crash between the CRM's answer and the mark means a re-send.
