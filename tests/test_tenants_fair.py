@@ -219,8 +219,10 @@ def test_a_rejected_key_skips_the_tenant_without_holding_the_only_worker(fleet, 
     assert bridge.outbox.pending_by_tenant() == {"a": 200} and crms("a").calls == {}
     assert in_flight.stop() == 1
     crms("a").api_key = key("a")
-    until(lambda: len(crms("a").calls) == 200, timeout=30, what="a's calls once its key works again")
-    assert len(uploaded(crms("a"))) == 200 and bridge.outbox.pending_by_tenant() == {}
+    # Stored by the CRM, then marked sent once fsbridge has read the reply: wait for both.
+    until(lambda: len(crms("a").calls) == 200 and bridge.outbox.pending_by_tenant() == {}, timeout=30,
+          what="a's calls once its key works again")
+    assert len(uploaded(crms("a"))) == 200
 
 
 def test_waiting_and_drained_lines_count_the_tenants_own_calls(fleet, crms, caplog) -> None:
