@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fsbridge.http.app import BadRequest, Request, Response, Router
+from fsbridge.http.app import BadRequest, Request, Response, parse_form
 
 if TYPE_CHECKING:
     from fsbridge.tenants.registry import Companies
@@ -82,17 +82,11 @@ class Activity:
             self.on_resume()
 
 
-def _form(body: bytes) -> dict[str, str]:
-    """The form as every callback's query is read (Router.parse_query: UTF-8, bounded, no repeated field)."""
-    return Router.parse_query(None, body)
-
-
-def parse(body: bytes) -> tuple[str, bool, bool] | None:
-    """(clientId, active, freeze) from the callback's form body; None when it is not of that shape."""
+def parse(form: dict[str, str]) -> tuple[str, bool, bool] | None:
+    """(clientId, active, freeze) from the callback's form; None when it is not of that shape."""
     try:
-        form = _form(body)
         activity = json.loads(form["activity"])
-    except (ValueError, KeyError, BadRequest):
+    except (ValueError, KeyError):
         return None
     if not isinstance(activity, dict):
         return None
@@ -109,20 +103,18 @@ class ActivityHandler:
         self.companies = companies
 
     def __call__(self, request: Request) -> Response:
-        parsed = parse(request.body)
-        if parsed is None:
-            # Checked before the shape is told: a stranger learns nothing but "forbidden".
-            try:
-                form = _form(request.body)
-            except BadRequest:
-                form = {}
-            if self.companies.by_client_id(form.get("clientId", "")) is None:
-                return Response.text(403, "forbidden")
-            return _json(400, {"success": False, "errorMsg": "activity must be {\"active\": bool, \"freeze\": bool}"})
-        client_id, active, freeze = parsed
-        company = self.companies.by_client_id(client_id)
+        try:
+            form = parse_form(request.body)   # UTF-8, bounded, no repeated field: like every callback's query
+        except BadRequest:
+            form = {}
+        # The clientId is checked before the shape is told: a stranger learns nothing but "forbidden".
+        company = self.companies.by_client_id(form.get("clientId", ""))
         if company is None:
             return Response.text(403, "forbidden")
+        parsed = parse(form)
+        if parsed is None:
+            return _json(400, {"success": False, "errorMsg": "activity must be {\"active\": bool, \"freeze\": bool}"})
+        _, active, freeze = parsed
         company.activity.set(active, freeze)
         return _json(200, {"success": True})
 

@@ -43,6 +43,11 @@ def test_only_the_companys_client_id_opens_the_page_and_its_session(start_bridge
     assert again.status_code == 200 and NAME in again.text
     # The mapping: configured extensions beside the CRM's.
     assert "<td>100</td><td>1</td><td>1</td>" in again.text
+    # Read from retailCRM once a minute at most: each read spends a request of the budget the company's
+    # cards and history live on, and an admin reloading the page must not eat into it.
+    module_reads = [r for r in fake_crm.requests if "integration-modules" in r.path and r.method == "GET"]
+    assert len(module_reads) == 1
+    assert "As retailCRM had it " in again.text and " s ago." in again.text
 
     forged = session[:-1] + ("0" if session[-1] != "0" else "1")
     expired = Sessions(bridge.account.sessions.key, clock=lambda: time.time() - 3600).issue("")
@@ -73,6 +78,8 @@ def test_actions_need_the_sessions_csrf_token(start_bridge, fake_crm) -> None:
                       timeout=10)
     assert r.status_code == 200 and "fsbridge" in fake_crm.modules
     assert fake_crm.modules["fsbridge"]["accountUrl"] == "https://pbx.example.com/account"
+    # The page after the action shows the CRM's side as the registration left it, not as first read.
+    assert "<td>100</td><td>1</td><td>1</td>" in r.text and "As retailCRM has it now." in r.text
 
 
 def test_caller_controlled_text_is_escaped(start_bridge, fake_crm, simulator) -> None:

@@ -180,6 +180,45 @@ def test_outbox_from_a_newer_fsbridge_is_refused(path: Path) -> None:
         Outbox(path)
 
 
+@pytest.mark.parametrize("version", [1, 2, 3])
+def test_an_outbox_of_an_earlier_fsbridge_keeps_its_calls(path: Path, version: int) -> None:
+    # An upgrade must not lose the calls still waiting in the file the old version wrote.
+    from fsbridge.history import outbox as module
+
+    steps = module._SCHEMA + (module._TENANTS if version >= 2 else "") + (module._RECORD_PATHS if version >= 3 else "")
+    path.parent.mkdir()
+    db = sqlite3.connect(path)
+    db.executescript(f"{steps}PRAGMA user_version={version};")
+    db.execute("INSERT INTO calls (external_id, payload, added) VALUES (?, ?, ?)",
+               ("call-00001", encode_call(make_call(1)), time.time()))
+    db.commit()
+    db.close()
+    box = Outbox(path)
+    try:
+        assert [e.call for e in box.claim(10, tenant="")] == [make_call(1)]
+        assert [c for c, _ in box.recent(5, tenant="")] == [make_call(1)]
+        assert box.recent(5, tenant="acme") == []
+    finally:
+        box.close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == module.SCHEMA_VERSION
+    db.close()
+
+
+def test_recent_and_quarantined_of_one_tenant(path: Path) -> None:
+    box = Outbox(path)
+    try:
+        box.add_many([make_call(n, tenant="acme" if n % 10 == 0 else "beta") for n in range(100)])
+        assert [c.call_id for c, _ in box.recent(3, tenant="acme")] == ["call-00090", "call-00080", "call-00070"]
+        assert {c.tenant for c, _ in box.recent(50, tenant="beta")} == {"beta"}
+        rows = {e.call.call_id: e.row for e in box.claim(100)}
+        box.quarantine([rows["call-00010"], rows["call-00011"]], "refused")
+        assert [q.external_id for q in box.quarantined(tenant="acme")] == ["call-00010"]
+        assert len(box.quarantined()) == 2
+    finally:
+        box.close()
+
+
 def test_not_an_outbox(tmp_path: Path) -> None:
     junk = tmp_path / "junk.db"
     junk.write_bytes(b"this is not a database" * 100)

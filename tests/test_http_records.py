@@ -377,6 +377,14 @@ def test_accel_redirect_mode(tmp_path: Path, fixtures_dir: Path) -> None:
         assert r.content == b""
         assert requests.get(env.url(MISSING_ID)).status_code == 404
         assert requests.get(f"{env.base}/records/{'x' * 22}/{REC_ID}.wav").status_code == 403
+        # A recording cut short by a FreeSWITCH crash: nginx would send its header as it is (no data: the
+        # player plays silence), so fsbridge serves that one itself, repaired.
+        _crashed_copy(env)
+        crashed = requests.get(env.url(CRASHED_ID))
+        assert "X-Accel-Redirect" not in crashed.headers
+        assert crashed.status_code == 200 and crashed.content == env.data
+        part = requests.get(env.url(CRASHED_ID), headers={"Range": "bytes=0-43"})
+        assert part.status_code == 206 and part.content == env.data[:44]
 
 
 # --- streaming and resources -------------------------------------------------------------------------

@@ -557,3 +557,28 @@ def test_calls_recovered_from_cdr_documents_get_their_tenant(tenants_dir, fixtur
     assert tenant_of({'"sip_from_host":"127.0.0.1"':
                       f'"sip_from_host":"127.0.0.1","domain_name":"{DOMAINS["beta"]}"'}) == ["beta"]
     assert tenant_of({'"74999999999"': '"74000000000"'}) == []          # nobody's DID: nobody's call
+
+
+def test_each_tenants_account_page_shows_its_own_calls_and_mapping(simulator, crms, provider) -> None:
+    bridge = provider()
+    for name, play in (("acme", simulator.play_async("inbound_answered", None, as_acme("inbound_answered"))),
+                       ("beta", simulator.play_async("inbound_answered", None, as_beta("inbound_answered")))):
+        play.get()
+        until(lambda name=name: len(uploaded(crms[name])) == 1, timeout=10, what=f"{name}'s history")
+    # A busy company: a hundred and twenty newer calls of beta's (another customer) in the shared outbox.
+    beta_call = bridge.outbox.recent(1, tenant="beta")[0][0]
+    bridge.outbox.add_many([dataclasses.replace(beta_call, call_id=f"busy-{n}", phone="79990004321")
+                            for n in range(120)])
+    pages = {}
+    for name in ("acme", "beta"):
+        r = requests.post(base_url(bridge) + "/account", data={"clientId": CLIENT_IDS[name]}, timeout=10)
+        assert r.status_code == 200
+        pages[name] = r.text
+    # acme sees its one call (the page showed "No calls yet" when a hundred newer calls were another's), and
+    # nothing of beta's; beta sees its newest twenty.
+    assert "No calls yet." not in pages["acme"] and "•••4321" not in pages["acme"]
+    assert pages["acme"].count("<td>in</td>") == 1
+    assert pages["beta"].count("•••4321") == 20
+    # Each mapping is read from the company's own CRM.
+    for name, crm in crms.items():
+        assert [r.path for r in crm.requests if "integration-modules" in r.path] != [], name

@@ -101,6 +101,11 @@ class CardSender:
         return self._started and not self._crashed
 
     @property
+    def typical(self) -> float:
+        """Seconds a delivery usually takes (moving average); 0 until measured."""
+        return self._typical
+
+    @property
     def pending(self) -> int:
         return sum(q.qsize() for q in self.queues)
 

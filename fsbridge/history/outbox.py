@@ -45,7 +45,7 @@ from fsbridge.calls.model import FinishedCall
 
 PENDING, SENT, QUARANTINED = 0, 1, 2
 STATE_NAMES = {PENDING: "pending", SENT: "sent", QUARANTINED: "quarantined"}
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 log = logging.getLogger("fsbridge.history")
 MAX_REASON = 1000
@@ -81,6 +81,11 @@ CREATE TABLE IF NOT EXISTS record_paths (
     path        TEXT NOT NULL,
     tenant      TEXT NOT NULL
 ) WITHOUT ROWID;
+"""
+
+# Schema 4: a company's own recent calls (its account page) without walking every other company's rows.
+_TENANT_CALLS = """
+CREATE INDEX IF NOT EXISTS calls_tenant ON calls(tenant, id);
 """
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(FinishedCall))
@@ -178,7 +183,8 @@ class Outbox:
             if version < SCHEMA_VERSION:
                 # One script, one transaction: two fsbridge processes starting together cannot both
                 # half-create the schema.
-                steps = (_SCHEMA if version < 1 else "") + (_TENANTS if version < 2 else "") + _RECORD_PATHS
+                steps = (_SCHEMA if version < 1 else "") + (_TENANTS if version < 2 else "") + (
+                    _RECORD_PATHS if version < 3 else "") + _TENANT_CALLS
                 self._db.executescript(f"BEGIN IMMEDIATE;{steps}PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
         except sqlite3.DatabaseError as exc:
             raise OutboxError(f"cannot open the outbox {self.path}: {exc}") from None
@@ -430,11 +436,14 @@ class Outbox:
             return self._db.execute("SELECT count(*) FROM calls WHERE state = 0 AND tenant = ?",
                                     (tenant,)).fetchone()[0]
 
-    def quarantined(self, limit: int | None = None) -> list[Quarantined]:
+    def quarantined(self, limit: int | None = None, tenant: str | None = None) -> list[Quarantined]:
+        """Quarantined calls (of `tenant` only, unless None), the longest refused first."""
+        where = "state = 2" if tenant is None else "state = 2 AND tenant = ?"
         with self._lock:
             rows = self._db.execute(
-                "SELECT id, external_id, payload, reason, updated FROM calls WHERE state = 2 "
-                "ORDER BY updated, id LIMIT ?", (-1 if limit is None else limit,)).fetchall()
+                f"SELECT id, external_id, payload, reason, updated FROM calls WHERE {where} "
+                "ORDER BY updated, id LIMIT ?",
+                (() if tenant is None else (tenant,)) + (-1 if limit is None else limit,)).fetchall()
         out = []
         for row, external_id, payload, reason, since in rows:
             try:
@@ -444,10 +453,16 @@ class Outbox:
             out.append(Quarantined(row, external_id, call, reason or "", since or 0.0))
         return out
 
-    def recent(self, limit: int) -> list[tuple[FinishedCall, int]]:
-        """The newest `limit` calls (any state) with their state, newest first; unreadable payloads skipped."""
+    def recent(self, limit: int, tenant: str | None = None) -> list[tuple[FinishedCall, int]]:
+        """The newest `limit` calls (of `tenant` only, unless None; any state) with their state, newest first;
+        unreadable payloads skipped."""
         with self._lock:
-            rows = self._db.execute("SELECT payload, state FROM calls ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+            if tenant is None:
+                rows = self._db.execute("SELECT payload, state FROM calls ORDER BY id DESC LIMIT ?",
+                                        (limit,)).fetchall()
+            else:
+                rows = self._db.execute("SELECT payload, state FROM calls WHERE tenant = ? ORDER BY id DESC LIMIT ?",
+                                        (tenant, limit)).fetchall()
         out = []
         for payload, state in rows:
             try:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from fsbridge.crm.errors import CRMError
 from fsbridge.history.outbox import QUARANTINED, SENT
-from fsbridge.http.app import BadRequest, Request, Response, Router, same_secret
+from fsbridge.http.app import BadRequest, Request, Response, parse_form, same_secret
 
 if TYPE_CHECKING:
     from fsbridge.tenants.company import Company
@@ -41,6 +41,9 @@ MAX_BODY = 16 * 1024  # a clientId or an action with its token; nginx allows the
 SESSION_SECONDS = 30 * 60
 COOKIE = "fsbridge_session"
 LAST_CALLS = 20
+# How long the page shows what it read of retailCRM's side (the mapping) before asking again; an action that
+# changes it (register) asks at once.
+MAPPING_SECONDS = 60.0
 
 _FILES = importlib.resources.files("fsbridge.http") / "account_page"
 _PAGE = Template((_FILES / "page.html").read_text(encoding="utf-8"))
@@ -111,12 +114,14 @@ class AccountPage:
         self.companies = companies
         self.fs_connected = fs_connected
         self.sessions = sessions or Sessions()
+        # company name -> (the CRM client asked, when, what it said): see _crm_side.
+        self._crm_read: dict[str, tuple[Any, float, tuple[dict[str, str], dict[str, str], str]]] = {}
 
     def __call__(self, request: Request) -> Response:
         form: dict[str, str] = {}
         if request.method == "POST":
             try:
-                form = Router.parse_query(None, request.body)   # UTF-8, bounded, no repeated field
+                form = parse_form(request.body)   # UTF-8, bounded, no repeated field
             except BadRequest:
                 return self._refusal(400, "The request could not be read.")
         if "clientId" in form:
@@ -147,6 +152,8 @@ class AccountPage:
                 return registration.register(company.cfg, company.crm)
             except registration.RegistrationError as exc:
                 return str(exc)
+            finally:
+                self._crm_read.pop(company.name, None)   # the page after it shows the CRM's new side
         if action == "requeue":
             ids = [q.external_id for q in self._quarantined(company)]
             count = company.history.outbox.requeue(ids) if ids else 0
@@ -175,9 +182,12 @@ class AccountPage:
                 f"<style>{_CSS}</style><p class=bad>{e(text)}</p></html>")
         return Response(status, self._headers(None), body.encode())
 
+    def _tenant(self, company: Company) -> str | None:
+        """Whose rows of the shared outbox this page shows: the company's own (None: the single company's, all)."""
+        return None if self.companies.single else company.name
+
     def _quarantined(self, company: Company) -> list[Any]:
-        return [q for q in company.history.outbox.outbox.quarantined(200)
-                if self.companies.single or (q.call is not None and q.call.tenant == company.name)]
+        return company.history.outbox.outbox.quarantined(200, tenant=self._tenant(company))
 
     def _page(self, company: Company, session: str, message: str, set_cookie: bool = False) -> Response:
         headers = self._headers(company)
@@ -200,14 +210,16 @@ class AccountPage:
     def _status(self, company: Company) -> str:
         state = company.state()
         cards = company.cards
-        pending = company.history.outbox.outbox.pending_by_tenant().get(company.name, 0) \
-            if not self.companies.single else company.history.outbox.outbox.levels()[0]
+        # The single company's count is the outbox's own (kept, not counted: cheap during a long outage).
+        pending = company.history.outbox.outbox.levels()[0] if self.companies.single \
+            else company.history.outbox.pending_here()
         oldest = company.history.outbox.oldest_pending()
+        connected = self.fs_connected()
         rows = [
-            ("FreeSWITCH", "connected" if self.fs_connected() else "NOT connected", self.fs_connected()),
+            ("FreeSWITCH", "connected" if connected else "NOT connected", connected),
             ("retailCRM with this API key", state["crm"], state["crm"] == "answering"),
             ("module in retailCRM", state["activity"], company.activity.delivering),
-            ("cards delivered since start", f"{cards.sent} (typical delivery {cards._typical * 1000:.0f} ms)", True),
+            ("cards delivered since start", f"{cards.sent} (typical delivery {cards.typical * 1000:.0f} ms)", True),
             ("cards dropped", str(state["cards_dropped"]), state["cards_dropped"] == 0),
             ("calls waiting for the history", str(pending) + (f", the oldest {time.time() - oldest:.0f} s old"
                                                              if oldest else ""), pending == 0),
@@ -225,44 +237,41 @@ class AccountPage:
                 f"<table><thead><tr><th>customer</th><th>retailCRM's reason</th></tr></thead><tbody>{rows}</tbody>"
                 "</table>")
 
-    def _mapping(self, company: Company) -> tuple[str, str, str]:
-        cfg = company.cfg
+    def _crm_side(self, company: Company) -> tuple[dict[str, str], dict[str, str], str]:
+        """(extension -> user id, DID -> shop, note) as retailCRM has them, read at most every MAPPING_SECONDS.
+
+        Every view of the page asked the CRM before: each spent a request of the company's 40/s budget (the
+        one its cards and history live on) and waited up to crm.timeout when the CRM was slow."""
+        now = time.monotonic()
+        cached = self._crm_read.get(company.name)
+        if cached is not None and cached[0] is company.crm and now - cached[1] < MAPPING_SECONDS:
+            codes, phones, note = cached[2]
+            return codes, phones, note.replace("has it now", f"had it {now - cached[1]:.0f} s ago")
+        codes: dict[str, str] = {}
+        phones: dict[str, str] = {}
         note = "As retailCRM has it now."
-        have_codes: dict[str, str] = {}
-        have_phones: dict[str, str] = {}
         try:
-            module = company.crm.get_integration_module(cfg.integration.code,
-                                                        deadline=time.monotonic() + cfg.crm.timeout)
+            module = company.crm.get_integration_module(company.cfg.integration.code,
+                                                        deadline=now + company.cfg.crm.timeout)
             tel = (module.get("integrations") or {}).get("telephony") or {}
-            have_codes = {str(i.get("code")): str(i.get("userId")) for i in tel.get("additionalCodes") or []
-                          if isinstance(i, dict)}
-            have_phones = {str(i.get("externalPhone", "")).lstrip("+"): str(i.get("siteCode"))
-                           for i in tel.get("externalPhones") or [] if isinstance(i, dict)}
+            codes = {str(i.get("code")): str(i.get("userId")) for i in tel.get("additionalCodes") or []
+                     if isinstance(i, dict)}
+            phones = {str(i.get("externalPhone", "")).lstrip("+"): str(i.get("siteCode"))
+                      for i in tel.get("externalPhones") or [] if isinstance(i, dict)}
         except CRMError as exc:
             note = f"retailCRM's side could not be read: {exc}"
-        managers = []
-        for code in sorted(set(cfg.managers) | set(have_codes)):
-            mine = str(cfg.managers[code]) if code in cfg.managers else ""
-            theirs = have_codes.get(code, "")
-            flag = ("" if mine == theirs else "unknown to fsbridge" if not mine
-                    else "missing in retailCRM" if not theirs else "differs")
-            managers.append(f'<tr><td>{e(code)}</td><td>{e(mine)}</td><td>{e(theirs)}</td>'
-                            f'<td class="{"bad" if flag else "ok"}">{e(flag or "ok")}</td></tr>')
-        phones = []
-        for phone in sorted(set(cfg.external_phones) | set(have_phones)):
-            mine = cfg.external_phones.get(phone, "")
-            theirs = have_phones.get(phone, "")
-            flag = ("" if mine == theirs else "unknown to fsbridge" if not mine
-                    else "missing in retailCRM" if not theirs else "differs")
-            phones.append(f'<tr><td>+{e(phone)}</td><td>{e(mine)}</td><td>{e(theirs)}</td>'
-                          f'<td class="{"bad" if flag else "ok"}">{e(flag or "ok")}</td></tr>')
-        return note, "".join(managers), "".join(phones)
+        self._crm_read[company.name] = (company.crm, time.monotonic(), (codes, phones, note))
+        return codes, phones, note
+
+    def _mapping(self, company: Company) -> tuple[str, str, str]:
+        have_codes, have_phones, note = self._crm_side(company)
+        managers = _compared({code: str(user) for code, user in company.cfg.managers.items()}, have_codes, "")
+        phones = _compared(dict(company.cfg.external_phones), have_phones, "+")
+        return note, managers, phones
 
     def _calls(self, company: Company) -> str:
         rows = []
-        for call, state in company.history.outbox.outbox.recent(LAST_CALLS * 5):
-            if not self.companies.single and call.tenant != company.name:
-                continue
+        for call, state in company.history.outbox.outbox.recent(LAST_CALLS, tenant=self._tenant(company)):
             started = time.strftime("%Y-%m-%d %H:%M", time.localtime(call.start_us / 1e6))
             seconds = (call.end_us - (call.answer_us or call.start_us)) / 1e6
             delivered = {SENT: "delivered", QUARANTINED: "refused"}.get(state, "waiting")
@@ -272,6 +281,16 @@ class AccountPage:
             rows.append(f"<tr><td>{e(started)}</td><td>{e(call.direction)}</td><td>{e(mask(call.phone))}</td>"
                         f"<td>{e(call.manager_code or '')}</td><td>{e(call.result)}</td><td>{seconds:.0f} s</td>"
                         f"<td>{e(delivered)}</td><td>{play}</td></tr>")
-            if len(rows) >= LAST_CALLS:
-                break
         return "".join(rows) or '<tr><td colspan="8">No calls yet.</td></tr>'
+
+
+def _compared(mine: dict[str, str], theirs: dict[str, str], prefix: str) -> str:
+    """Table rows of fsbridge's mapping beside retailCRM's, each flagged where the two differ."""
+    rows = []
+    for key in sorted(set(mine) | set(theirs)):
+        ours, crm = mine.get(key, ""), theirs.get(key, "")
+        flag = ("" if ours == crm else "unknown to fsbridge" if not ours
+                else "missing in retailCRM" if not crm else "differs")
+        rows.append(f'<tr><td>{e(prefix + key)}</td><td>{e(ours)}</td><td>{e(crm)}</td>'
+                    f'<td class="{"bad" if flag else "ok"}">{e(flag or "ok")}</td></tr>')
+    return "".join(rows)

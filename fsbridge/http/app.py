@@ -268,6 +268,30 @@ def _keep_leading_plus(raw_query: bytes, names: frozenset[str]) -> bytes:
     return b"&".join(fields)
 
 
+def parse_form(raw: bytes) -> dict[str, str]:
+    """A query string or an urlencoded form body as a dict.
+
+    BadRequest for one that is not UTF-8, a repeated field, or more than MAX_QUERY_FIELDS fields: every
+    callback's query and every form fsbridge reads goes through here."""
+    if not raw:
+        return {}
+    try:
+        # A query is ASCII on the wire; percent-escapes decode as UTF-8 (parse_qsl on bytes would re-encode
+        # them as ASCII and refuse any non-ASCII value).
+        pairs = parse_qsl(raw.decode("ascii"), keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS,
+                          encoding="utf-8", errors="strict")
+        form: dict[str, str] = {}
+        for name, value in pairs:
+            if name in form:
+                # Two values for one name: proxies and apps disagree on which one wins, the classic
+                # way to slip a second clientId or phone past a check.
+                raise BadRequest("repeated query parameter")
+            form[name] = value
+    except (UnicodeError, ValueError):  # not UTF-8, or more than MAX_QUERY_FIELDS fields
+        raise BadRequest("malformed path or query") from None
+    return form
+
+
 class Router:
     """Maps (methods, exact path or path prefix) to handlers; answers 404/405/413/500 itself.
 
@@ -374,21 +398,7 @@ class Router:
             return {}
         if route is not None and route.literal_plus:
             raw_query = _keep_leading_plus(raw_query, route.literal_plus)
-        try:
-            # A query is ASCII on the wire; percent-escapes decode as UTF-8 (parse_qsl on bytes would re-encode
-            # them as ASCII and refuse any non-ASCII value).
-            pairs = parse_qsl(raw_query.decode("ascii"), keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS,
-                              encoding="utf-8", errors="strict")
-            query: dict[str, str] = {}
-            for name, value in pairs:
-                if name in query:
-                    # Two values for one name: proxies and apps disagree on which one wins, the classic
-                    # way to slip a second clientId or phone past a check.
-                    raise BadRequest("repeated query parameter")
-                query[name] = value
-        except (UnicodeError, ValueError):  # not UTF-8, or more than MAX_QUERY_FIELDS fields
-            raise BadRequest("malformed path or query") from None
-        return query
+        return parse_form(raw_query)
 
     def _request(self, environ: dict[str, Any]) -> tuple[_Route, Request] | Response:
         method = str(environ.get("REQUEST_METHOD", "GET")).upper()

@@ -4,7 +4,8 @@ Browsers seek audio with Range requests and need 206 answers, which gevent.pywsg
 conditional requests (ETag / Last-Modified) let players revalidate instead of downloading again.
 
 Behind nginx, `accel_redirect_prefix` makes fsbridge only authorise the request and hand the transfer to
-nginx (zero-copy, Range and conditionals done by nginx). The matching nginx config, added to the server
+nginx (zero-copy, Range and conditionals done by nginx), except a WAV whose header needs repair (a recording
+cut short by a FreeSWITCH crash), which fsbridge serves itself. The matching nginx config, added to the server
 block of conf/nginx/fsbridge.conf (whose `location /records/` forwards to fsbridge's public listener):
 
     location /_records/ {
@@ -138,25 +139,15 @@ class RecordsHandler:
         subdir = self.locate(ref.record_id) if self.locate is not None else ""
         if subdir is None:
             return Response.text(404, "not found")
-        if self.accel_redirect_prefix is not None:
-            # nginx sends the file as it is: a WAV cut short by a FreeSWITCH crash keeps its header claiming
-            # no data here (fsbridge's own answers repair it, see wav_header_fix).
-            found = self.recordings.find(ref.record_id, ref.ext, subdir)
-            if found is None:
-                return Response.text(404, "not found")
-            name = f"{ref.record_id}.{found.ext}"
-            where = f"{subdir}/{name}" if subdir else name
-            return Response.empty(200, {
-                "X-Accel-Redirect": f"{self.accel_redirect_prefix}{where}",
-                "Content-Type": found.content_type,
-                "Content-Disposition": f'inline; filename="{name}"',
-                "Cache-Control": "private",
-            })
-
         rec = self.recordings.open(ref.record_id, ref.ext, subdir)
         if rec is None:
             return Response.text(404, "not found")
         try:
+            if self.accel_redirect_prefix is not None and not self._repaired_head(rec):
+                rec.file.close()
+                return self._accel_redirect(ref.record_id, rec, subdir)
+            # Served here (also behind nginx when the WAV's header needs repair: nginx would send it as it is,
+            # and a recording cut short by a FreeSWITCH crash would play as silence).
             response = self._respond(request, ref.record_id, rec)
         except BaseException:
             rec.file.close()
@@ -164,6 +155,25 @@ class RecordsHandler:
         if not isinstance(response.body, FileBody):
             rec.file.close()
         return response
+
+    def _accel_redirect(self, record_id: str, rec: OpenRecording, subdir: str) -> Response:
+        name = f"{record_id}.{rec.ext}"
+        where = f"{subdir}/{name}" if subdir else name
+        return Response.empty(200, {
+            "X-Accel-Redirect": f"{self.accel_redirect_prefix}{where}",
+            "Content-Type": rec.content_type,
+            "Content-Disposition": f'inline; filename="{name}"',
+            "Cache-Control": "private",
+        })
+
+    @staticmethod
+    def _repaired_head(rec: OpenRecording) -> bytes:
+        """The repaired header of a WAV cut short (see wav_header_fix), b"" for any other file; once per open file."""
+        memo = rec.file.memo
+        head: bytes | None = memo.get("head")
+        if head is None:
+            head = memo["head"] = wav_header_fix(rec.file.fileno(), rec.size) if rec.ext == "wav" else b""
+        return head
 
     def _respond(self, request: Request, record_id: str, rec: OpenRecording) -> Response:
         # The headers depend on the file alone: worked out once per open file (see open_files.py).
@@ -180,8 +190,8 @@ class RecordsHandler:
                 "X-Content-Type-Options": "nosniff",
             }
             memo["whole"] = {**headers, "Content-Length": str(rec.size)}
-            # A recording cut short by a FreeSWITCH crash claims no data in its header: served repaired.
-            memo["head"] = wav_header_fix(rec.file.fileno(), rec.size) if rec.ext == "wav" else b""
+        # A recording cut short by a FreeSWITCH crash claims no data in its header: served repaired.
+        head = self._repaired_head(rec)
         etag = headers["ETag"]
         hdrs = request.headers
 
@@ -209,12 +219,12 @@ class RecordsHandler:
                 "Content-Range": f"bytes */{size}", "Accept-Ranges": "bytes", "Cache-Control": "private",
             })
         if wanted is None:
-            return Response(200, dict(memo["whole"]), FileBody(rec.file, 0, size, self.chunk_size, memo["head"]))
+            return Response(200, dict(memo["whole"]), FileBody(rec.file, 0, size, self.chunk_size, head))
         first, last = wanted
         length = last - first + 1
         return Response(206, {**headers, "Content-Length": str(length),
                               "Content-Range": f"bytes {first}-{last}/{size}"},
-                        FileBody(rec.file, first, length, self.chunk_size, memo["head"]))
+                        FileBody(rec.file, first, length, self.chunk_size, head))
 
     @staticmethod
     def _if_range_holds(value: str, etag: str, rec: OpenRecording) -> bool:
