@@ -15,7 +15,7 @@ from gevent.server import StreamServer
 
 from fsbridge.crm.client import RetailCRM
 from fsbridge.crm.errors import CRMUnavailable
-from fsbridge.crm.transport import ConnectionFailed, ReadTimeout, RequestsTransport, Transport
+from fsbridge.crm.transport import ConnectionFailed, NoReply, ReadTimeout, RequestsTransport, Transport
 from tests.conftest import API_KEY
 from tests.fakes.raw_http import read_request
 
@@ -334,3 +334,25 @@ def test_tls_with_verified_certificate(serve, certificate: tuple[Path, Path]) ->
     # The system's trust store does not know this certificate: refused, in plain words.
     with pytest.raises(ConnectionFailed, match="TLS error"):
         _get(Transport(f"https://localhost:{script.port}"))
+
+
+def test_through_requests_a_post_that_never_left_is_not_taken_for_one_that_may_have_arrived(
+        serve, certificate: tuple[Path, Path]) -> None:
+    # Behind a proxy the requests transport is used, and requests says less about what was sent. A certificate
+    # refused in the handshake, or a connection never made, sent nothing: ConnectionFailed (the card is tried
+    # again while it is fresh), not NoReply (taken as "may have been shown", never re-sent: a lost card).
+    key, cert = certificate
+    server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_side.load_cert_chain(str(cert), str(key))
+    script = serve(lambda head, n: _length_reply(), ssl_args={"ssl_context": server_side})
+    post = ("POST", "/api/v5/telephony/call/event", {"X-API-KEY": "k"}, b"event=%7B%7D", 1.0, 1.0)
+    with pytest.raises(ConnectionFailed, match="TLS error") as refused:
+        RequestsTransport(f"https://localhost:{script.port}").request(*post)
+    assert not isinstance(refused.value, NoReply)
+    assert script.requests == []
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    with pytest.raises(ConnectionFailed) as refused:
+        RequestsTransport(f"http://127.0.0.1:{port}").request(*post)
+    assert not isinstance(refused.value, NoReply)

@@ -34,7 +34,9 @@ next: a call event is not sent again, an upload is, since the CRM de-duplicates 
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import errno
 import http.client
 import os
 import re
@@ -43,6 +45,7 @@ import socket
 import ssl
 import time
 import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from fsbridge.background import give_way
@@ -111,19 +114,41 @@ def describe(exc: BaseException) -> str:
     return type(root).__name__
 
 
-def _root_cause(exc: BaseException) -> BaseException:
-    """The innermost exception: requests wraps urllib3 wraps the socket error."""
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and what it wraps, outermost first: requests wraps urllib3 wraps the socket error."""
     seen: set[int] = set()
     current: BaseException | None = exc
-    deepest = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        deepest = current
+        yield current
         nested = getattr(current, "reason", None)
         if not isinstance(nested, BaseException):
             nested = next((a for a in current.args if isinstance(a, BaseException)), None)
         current = nested or current.__cause__ or current.__context__
-    return deepest
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception."""
+    return collections.deque(_chain(exc), maxlen=1)[0]
+
+
+# Errors no request byte can have left before: the connection (to the proxy or the CRM) was never made, or
+# the CRM's certificate was refused during the handshake. Anything else through requests may have been sent.
+_NOT_CONNECTED_ERRNOS = {errno.ECONNREFUSED, errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL}
+
+
+def _never_sent(exc: BaseException) -> bool:
+    """Whether a requests failure certainly happened before the request was written (a POST can be retried)."""
+    from requests.exceptions import ProxyError
+    from urllib3.exceptions import NewConnectionError
+
+    for current in _chain(exc):
+        # NewConnectionError: urllib3's "the connect failed" (refused, unreachable, no such host).
+        if isinstance(current, ProxyError | NewConnectionError | socket.gaierror | ssl.SSLCertVerificationError):
+            return True
+        if isinstance(current, OSError) and current.errno in _NOT_CONNECTED_ERRNOS:
+            return True
+    return False
 
 
 def proxy_in_environment() -> bool:
@@ -526,9 +551,7 @@ class RequestsTransport:
             raise ReadTimeout(f"no reply within {read_timeout:.1f} s") from exc
         except requests.RequestException as exc:
             reason = describe(exc)
-            if method not in _IDEMPOTENT and not isinstance(
-                    _root_cause(exc), ConnectionRefusedError | socket.gaierror) and not isinstance(
-                    exc, requests.exceptions.ProxyError):
+            if method not in _IDEMPOTENT and not _never_sent(exc):
                 # requests cannot say whether any byte left: past the connect, the server may have acted on it.
                 raise NoReply(reason) from exc
             raise ConnectionFailed(reason) from exc
