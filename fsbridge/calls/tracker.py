@@ -56,7 +56,8 @@ class Call:
     recording_ms: int | None = None
     clicked: bool = False                                # originated by fsbridge (click-to-call)
     # The company the call belongs to, decided once (attribution.py): None while no tenant claims it,
-    # and then it is nobody's: no card, no history.
+    # and then it is nobody's: no card, no history. Kept beside `directory`, not read from it: a reload that
+    # removes the company leaves its calls in progress with no directory, still that company's calls.
     tenant: str | None = None
     directory: Directory | None = None
     gap: bool = False                                    # some of its events were missed (see FinishedCall.gap)

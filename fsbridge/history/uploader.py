@@ -178,8 +178,8 @@ class Uploader:
         self._sent_at_wait = 0
         # While retailCRM has the module deactivated or frozen (activity.py): calls wait in the outbox.
         self.paused: Callable[[], bool] = lambda: False
-        # With tenants_dir: the shared scheduler that gives this company its turns (no loop of its own), the
-        # name it knows it by, and the failures in a row across turns (the backoff's exponent).
+        # With tenants_dir: the shared scheduler that gives this company its turns (no loop of its own) and the
+        # name it knows it by. Failures in a row (the backoff's exponent), across turns when scheduled.
         self.scheduler: FairScheduler | None = None
         self.name = ""
         self._failures = 0
@@ -406,7 +406,6 @@ class Uploader:
 
     def _upload(self, part: list[_Item]) -> CRMRejected | None:
         """Send until the CRM answers about the calls: None when it took them, else its refusal."""
-        failures = 0
         while True:
             if self._stopping:
                 raise _Stopping()
@@ -418,8 +417,8 @@ class Uploader:
                 if isinstance(exc, CRMRejected) and not _is_systemic(exc):
                     return exc
                 self.stats.failures += 1
-                failures += 1
-                delay = backoff_delay(self.retry_base, failures, self.retry_max)
+                self._failures += 1
+                delay = backoff_delay(self.retry_base, self._failures, self.retry_max)
                 # One line per problem and per episode, not per retry: an outage of hours stays readable.
                 level = logging.ERROR if isinstance(exc, CRMRejected) else logging.WARNING
                 message = str(exc)
@@ -430,9 +429,7 @@ class Uploader:
                 self._note_failure()
                 if self.scheduler is not None:
                     # A turn never waits: the company is skipped until then, and the worker serves the others.
-                    self._failures += 1
-                    raise _Backoff(time.monotonic()
-                                   + backoff_delay(self.retry_base, self._failures, self.retry_max)) from None
+                    raise _Backoff(time.monotonic() + delay) from None
             else:
                 self._failures = 0
                 self._confirmed(part, reply)
