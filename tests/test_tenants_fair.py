@@ -243,14 +243,20 @@ def test_periodic_and_switched_off_tenants_keep_their_ways_under_the_scheduler(f
     """What each uploader did on its own still holds with shared workers: a periodic tenant's backlog goes at
     start, then its calls wait for the tick; a tenant retailCRM switched off keeps its calls until it is back
     on; an immediate tenant is served meanwhile."""
-    files = {"a": tenant_yaml("a", crms("a").url, extra="history: {strategy: periodic, period: 0.1}\n")}
+    # A 12 s period: the calls below are played and checked well before its first tick, also on a slow machine
+    # (with 6 s, a CI-like run under load crossed the tick and found a's call already sent).
+    files = {"a": tenant_yaml("a", crms("a").url, extra="history: {strategy: periodic, period: 0.2}\n")}
+    started = time.monotonic()
     bridge = fleet(("a", "b", "c"), workers=1, backlog={"a": 3}, files=files)
     until(lambda: len(uploaded(crms("a"))) == 3, what="the periodic tenant's backlog at start")
     bridge.companies.get("c").activity.set(False, False)
-    played = {name: simulator.play("inbound_answered", None, wire(name)) for name in ("a", "b", "c")}
+    plays = {name: simulator.play_async("inbound_answered", None, wire(name)) for name in ("a", "b", "c")}
+    gevent.joinall(list(plays.values()), raise_error=True)
+    played = {name: play.value for name, play in plays.items()}
     until(lambda: len(uploaded(crms("b"))) == 1, timeout=10, what="the immediate tenant's call")
     gevent.sleep(1.0)
-    assert bridge.outbox.pending_by_tenant() == {"a": 1, "c": 1}
+    pending = bridge.outbox.pending_by_tenant()
+    assert pending == {"a": 1, "c": 1}, f"{pending} {time.monotonic() - started:.1f} s after the start"
     bridge.companies.get("c").activity.set(True, False)
     until(lambda: len(uploaded(crms("c"))) == 1, timeout=10, what="c's call once it is switched back on")
     until(lambda: len(uploaded(crms("a"))) == 4, timeout=15, what="a's call at its period's tick")
