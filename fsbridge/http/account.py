@@ -240,13 +240,13 @@ class AccountPage:
     def _crm_side(self, company: Company) -> tuple[dict[str, str], dict[str, str], str]:
         """(extension -> user id, DID -> shop, note) as retailCRM has them, read at most every MAPPING_SECONDS.
 
-        Every view of the page asked the CRM before: each spent a request of the company's 40/s budget (the
-        one its cards and history live on) and waited up to crm.timeout when the CRM was slow."""
+        Not at every view: a read spends a request of the company's 40/s budget, the one its cards and history
+        live on, and waits up to crm.timeout when the CRM is slow."""
         now = time.monotonic()
         cached = self._crm_read.get(company.name)
         if cached is not None and cached[0] is company.crm and now - cached[1] < MAPPING_SECONDS:
-            codes, phones, note = cached[2]
-            return codes, phones, note.replace("has it now", f"had it {now - cached[1]:.0f} s ago")
+            known_codes, known_phones, known_note = cached[2]
+            return known_codes, known_phones, known_note.replace("has it now", f"had it {now - cached[1]:.0f} s ago")
         codes: dict[str, str] = {}
         phones: dict[str, str] = {}
         note = "As retailCRM has it now."
