@@ -98,8 +98,9 @@ def test_flow_reaches_the_crm_exactly(flow: str, simulator, fake_crm, start_brid
     start_bridge(external_phones=DIDS, history={"unassigned_code": UNASSIGNED})
     cards, expected = FLOWS[flow]
     played = simulator.play(flow)
-    until(lambda: played.a_leg in fake_crm.calls, what="the call in the history")
-    gevent.sleep(0.1)
+    until(lambda: played.a_leg in fake_crm.calls and len(received(fake_crm)) >= len(cards),
+          what="the call in the history and its cards")
+    gevent.sleep(0.1)   # and no more cards
     assert received(fake_crm) == cards
     assert {e["callExternalId"] for e in fake_crm.events} <= {played.a_leg}, "one call, one id: the customer's leg"
     assert list(fake_crm.calls) == [played.a_leg], "exactly one history record"

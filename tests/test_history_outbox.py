@@ -20,6 +20,7 @@ import pytest
 from fsbridge.calls.model import FinishedCall
 from fsbridge.history import outbox_cli
 from fsbridge.history.outbox import Outbox, OutboxError, decode_call, encode_call
+from tests.waiting import until
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_706_000_000_000_000  # 2024-01-23 08:53:20 UTC
@@ -292,15 +293,12 @@ def test_call_model_fields_are_all_stored() -> None:
 
 
 def test_background_checkpoints_move_the_wal_into_the_database(path: Path) -> None:
-    import gevent
-
     with Outbox(path, checkpoint_interval=0.05) as box:
         initial = path.stat().st_size
         for n in range(500):
             box.add(make_call(n))
         assert path.stat().st_size == initial, "no checkpoint inside add(): the ESL reader never waits for one"
-        gevent.sleep(0.3)
-        assert path.stat().st_size > initial, "the worker thread copied the WAL into the database"
+        until(lambda: path.stat().st_size > initial, what="the worker thread to copy the WAL into the database")
         assert box.stats().pending == 500
 
 

@@ -133,17 +133,18 @@ def test_periodic_sends_what_accumulated_each_period(fake: FakeRetailCRM, outbox
                                                     make_uploader: Callable[..., Uploader]) -> None:
     for n in range(3):   # left over from the previous run: sent at start, not a period later
         outbox.add(make_call(n))
-    uploader = make_uploader(strategy="periodic", period=1.0)
-    until(lambda: len(fake.calls) == 3, timeout=0.5)
+    # A 2 s period: the calls below are written and checked well inside it, also on a loaded machine.
     started = time.monotonic()
+    uploader = make_uploader(strategy="periodic", period=2.0)
+    until(lambda: len(fake.calls) == 3, timeout=1.0)
     for n in range(3, 73):
         uploader.on_finished(make_call(n))
         gevent.sleep(0.005)
     gevent.sleep(0.3)
     assert len(fake.calls) == 3, "nothing goes out before the period ends"
     assert outbox.stats().pending == 70
-    until(lambda: len(fake.calls) == 73, timeout=2.0)
-    assert 0.6 < time.monotonic() - started < 1.4
+    until(lambda: len(fake.calls) == 73, timeout=4.0)
+    assert 1.9 < time.monotonic() - started < 3.5
     assert sorted(len(ids) for ids in uploads_of(fake)) == [3, 20, 50]
     stored_once(fake, [f"call-{n:05d}" for n in range(73)])
 
