@@ -42,7 +42,7 @@ class Leg:
     hangup_cause: str = ""
     last_seen: int = 0            # the tracker's event counter when this leg was last touched
     loopback_peer: str = ""       # the other half of a loopback/ pair (loopback-a <-> loopback-b)
-    partner: str = ""             # the leg it is bridged to, while it is
+    partner: str = ""             # the leg it was last bridged to (kept after an unbridge)
 
 
 @dataclass(frozen=True, slots=True)
