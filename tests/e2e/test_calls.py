@@ -174,9 +174,14 @@ def test_ring_group_second_manager_answers(world: World) -> None:
 
     world.wait_events(2)
     # Both phones ring at once, and which of their legs FreeSWITCH reports first varies: the CRM
-    # shows the card to both managers either way.
-    assert [(kind, phone, sorted(codes), did, status) for kind, phone, codes, did, status in world.events()] \
-        == [card("in", ["100", "200"], DID_GROUP), card("hangup", ["100", "200"], DID_GROUP, "answered")]
+    # shows the card to both managers either way. Usually one `in` names both; when FreeSWITCH reports
+    # 200's leg only after 100's phone rang (seen once with a FreeSWITCH started by hand), 200 gets an
+    # `in` of its own right after. Each manager's card once, before the hangup that names both.
+    events = [(kind, phone, sorted(codes), did, status) for kind, phone, codes, did, status in world.events()]
+    assert events[-1] == card("hangup", ["100", "200"], DID_GROUP, "answered"), events
+    ins = events[:-1]
+    assert sorted(code for _, _, codes, _, _ in ins for code in codes) == ["100", "200"], events
+    assert all(event == card("in", event[2], DID_GROUP) for event in ins), events
     call = only_call(world)
     assert call.manager_code == "200", "the call is credited to the manager who answered"
     check_history(world, call.call_id, result="answered", code="200", did=DID_GROUP, talk_s=3, recorded=True)
