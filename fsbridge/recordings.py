@@ -15,7 +15,6 @@ import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 from fsbridge.open_files import Lease, OpenFiles
 from fsbridge.record_links import CONTENT_TYPES, EXTENSIONS, valid_record_id
@@ -23,15 +22,6 @@ from fsbridge.record_links import CONTENT_TYPES, EXTENSIONS, valid_record_id
 log = logging.getLogger(__name__)
 
 ENCODERS = ("auto", "lame", "ffmpeg")
-
-
-class FoundRecording(NamedTuple):
-    path: Path
-    content_type: str
-
-    @property
-    def ext(self) -> str:
-        return self.path.suffix[1:]
 
 
 @dataclass(slots=True)
@@ -170,7 +160,7 @@ def _valid_subdir(subdir: str) -> bool:
 class Recordings:
     """The recordings directory.
 
-    prefer_mp3: find() returns the MP3 when both exist. The encoder settings are used by to_mp3().
+    prefer_mp3: open() gives the MP3 when both exist. The encoder settings are used by to_mp3().
     keep_open_seconds: how long open() keeps a recording open after its last answer (see open_files.py).
     """
 
@@ -230,23 +220,10 @@ class Recordings:
         return to_mp3(wav_path, encoder=self.encoder, bitrate_kbps=self.bitrate_kbps,
                       timeout=self.convert_timeout, keep_wav=self.keep_wav)
 
-    def find(self, record_id: str, ext: str | None = None, subdir: str = "") -> FoundRecording | None:
-        """The recording of `record_id` as (path, content_type): format `ext` if it exists, else the
-        preferred one (mp3 first when prefer_mp3), else any; None when there is none."""
-        if not valid_record_id(record_id) or not _valid_subdir(subdir):
-            return None
-        for candidate in self._order(ext):
-            path = self._path(record_id, candidate, subdir)
-            try:
-                st = path.lstat()
-            except OSError:
-                continue
-            if stat.S_ISREG(st.st_mode):
-                return FoundRecording(path, CONTENT_TYPES[candidate])
-        return None
-
     def open(self, record_id: str, ext: str | None = None, subdir: str = "") -> OpenRecording | None:
-        """Like find(), but opened: the caller serves exactly the file it stat'ed, and closes `file`."""
+        """The recording of `record_id`, opened: format `ext` if it exists, else the preferred one (mp3 first when
+        prefer_mp3), else any; None when there is none. The caller serves exactly the file it stat'ed, and
+        closes `file`."""
         if not valid_record_id(record_id) or not _valid_subdir(subdir):
             return None
         where = f"{self._dir}/{subdir}" if subdir else self._dir

@@ -71,11 +71,20 @@ def proxied(start_bridge, tmp_path: Path) -> Iterator[tuple[Any, int, Path]]:
     """(fsbridge, nginx's port, nginx's access log)."""
     bridge = start_bridge(originate={"customer_dial": "sofia/internal/{phone}@127.0.0.1:5092",
                                      "ringing_wait": 2.0})
+    yield from _nginx_before(bridge, tmp_path)
+
+
+def _nginx_before(bridge: Any, tmp_path: Path, extra: str = "") -> Iterator[tuple[Any, int, Path]]:
+    """nginx with the shipped config (plus `extra` inside its server block) in front of `bridge`."""
     host, upstream_port = bridge.http.address
     port = free_port()
     access_log = tmp_path / "access.log"
     server_conf = tmp_path / "fsbridge.conf"
-    server_conf.write_text(adapted(SHIPPED.read_text(), port, f"{host}:{upstream_port}", access_log))
+    text = adapted(SHIPPED.read_text(), port, f"{host}:{upstream_port}", access_log)
+    if extra:
+        text, count = re.subn(r"(?m)^(\s*)location / \{", lambda m: f"{extra}\n{m[0]}", text)
+        assert count == 1, "no `location /` to put the extra block before"
+    server_conf.write_text(text)
     main = tmp_path / "nginx.conf"
     main.write_text(main_config(tmp_path, server_conf))
     assert NGINX is not None
@@ -187,3 +196,37 @@ def test_access_log_holds_no_client_id_and_no_signature(proxied, simulator) -> N
     assert signature not in text
     assert f'"GET /records/*/{REC_ID}.wav HTTP/1.1" 200 ' in text
     assert '"GET /retailcrm/make-call HTTP/1.1" 502 ' in text  # the path and fsbridge's answer: enough to debug
+
+
+def test_accel_redirect_behind_nginx_with_the_documented_location(start_bridge, tmp_path: Path) -> None:
+    """records.accel_redirect_prefix with the location block fsbridge/http/records.py documents: nginx sends
+    the recording (fsbridge only authorises), except a WAV cut short by a FreeSWITCH crash, which fsbridge
+    serves repaired (nginx would send its header claiming no data: silence in the player)."""
+    from fsbridge.http import records
+    from tests.conftest import RECORD_SECRET
+
+    rec_dir = tmp_path / "recordings"
+    rec_dir.mkdir()
+    (rec_dir / f"{REC_ID}.wav").write_bytes(RECORDING)
+    crashed_id = "c4a5bed0-0000-4000-8000-00000000c4a5"
+    crashed = bytearray(RECORDING)
+    assert crashed[36:40] == b"data"
+    crashed[4:8] = crashed[40:44] = b"\0\0\0\0"
+    (rec_dir / f"{crashed_id}.wav").write_bytes(crashed)
+    documented = re.search(r"(?ms)^ *location /_records/ \{.*?^ *\}$", records.__doc__ or "")
+    assert documented, "records.py no longer documents the nginx location"
+    location, count = re.subn(r"alias [^;]+;", f"alias {rec_dir}/;", documented[0])
+    assert count == 1
+    bridge = start_bridge(records={"dir": str(rec_dir), "link_secret": RECORD_SECRET,
+                                   "accel_redirect_prefix": "/_records/"})
+    (tmp_path / "nginx").mkdir()
+    for _, port, _ in _nginx_before(bridge, tmp_path / "nginx", extra=location):
+        status, headers, body = request(port, bridge.links.path(REC_ID))
+        assert status == 200 and body == RECORDING and "x-accel-redirect" not in headers
+        assert "x-content-type-options" not in headers   # nginx's own answer (fsbridge's carry nosniff)
+        status, _, body = request(port, bridge.links.path(REC_ID), headers={"Range": "bytes=100-199"})
+        assert status == 206 and body == RECORDING[100:200]
+        assert request(port, "/_records/" + f"{REC_ID}.wav")[0] == 404   # internal: not reachable directly
+        status, headers, body = request(port, bridge.links.path(crashed_id))
+        assert status == 200 and body == RECORDING   # the lengths FreeSWITCH would have written on close
+        assert headers.get("x-content-type-options") == "nosniff"   # fsbridge's answer
