@@ -104,19 +104,25 @@ def test_redact_path() -> None:
 # --- recordings directory ----------------------------------------------------------------------------
 
 
-def test_find_prefers_requested_then_configured(tmp_path: Path) -> None:
+def _served(recs: Recordings, record_id: str, ext: str | None = None) -> tuple[str, str] | None:
+    """(format, content type) of what open() gives for `record_id`, or None."""
+    rec = recs.open(record_id, ext)
+    if rec is None:
+        return None
+    rec.file.close()
+    return rec.ext, rec.content_type
+
+
+def test_open_prefers_requested_then_configured(tmp_path: Path) -> None:
     (tmp_path / f"{REC_ID}.wav").write_bytes(b"w")
     recs = Recordings(tmp_path)
-    found = recs.find(REC_ID)
-    assert found is not None
-    path, content_type = found  # a plain (path, content_type) pair
-    assert path == tmp_path / f"{REC_ID}.wav" and content_type == "audio/wav" and found.ext == "wav"
+    assert _served(recs, REC_ID) == ("wav", "audio/wav")
     (tmp_path / f"{REC_ID}.mp3").write_bytes(b"m")
-    assert recs.find(REC_ID).content_type == "audio/wav"
-    assert Recordings(tmp_path, prefer_mp3=True).find(REC_ID) == (tmp_path / f"{REC_ID}.mp3", "audio/mpeg")
-    assert recs.find(REC_ID, "mp3").content_type == "audio/mpeg"
-    assert recs.find(OTHER_ID) is None
-    assert recs.find("../" + REC_ID) is None
+    assert _served(recs, REC_ID) == ("wav", "audio/wav")
+    assert _served(Recordings(tmp_path, prefer_mp3=True), REC_ID) == ("mp3", "audio/mpeg")
+    assert _served(recs, REC_ID, "mp3") == ("mp3", "audio/mpeg")
+    assert _served(recs, OTHER_ID) is None
+    assert _served(recs, "../" + REC_ID) is None
     assert recs.wav_path(REC_ID) == tmp_path / f"{REC_ID}.wav"
     with pytest.raises(ValueError):
         recs.wav_path("../x")
@@ -133,7 +139,6 @@ def test_open_refuses_directories_fifos_and_symlinks(tmp_path: Path) -> None:
     recs = Recordings(rec_dir)
     assert recs.open(REC_ID) is None
     assert recs.open(OTHER_ID) is None
-    assert recs.find(OTHER_ID) is None
 
 
 # --- MP3 conversion ----------------------------------------------------------------------------------
@@ -210,7 +215,7 @@ def test_to_mp3_falls_back_to_ffmpeg(wav: Path, tmp_path: Path, monkeypatch: pyt
     recs = Recordings(wav.parent, prefer_mp3=True)
     assert recs.to_mp3(wav) == wav.with_suffix(".mp3")
     assert wav.exists()  # keep_wav defaults to True
-    assert recs.find(REC_ID) == (wav.with_suffix(".mp3"), "audio/mpeg")
+    assert _served(recs, REC_ID) == ("mp3", "audio/mpeg")
 
 
 def test_to_mp3_refuses_non_wav(tmp_path: Path) -> None:
