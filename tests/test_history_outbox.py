@@ -277,6 +277,11 @@ def test_cli_requeue_all(path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert outbox_cli.requeue(cfg, "all") == 3
     code, out = run_cli(cfg, "--requeue-all", capsys=capsys)
     assert (code, "re-queued 0 call(s)" in out, "pending:     3" in out) == (0, True, True)
+    # With tenant files each quarantined call says whose it is.
+    with Outbox(path) as box:
+        box.add(make_call(7, tenant="acme"))
+        box.quarantine([e.row for e in box.claim(50, tenant="acme")], "site: unknown")
+    assert "call-00007  tenant acme  2024-01-23 11:53:27  in 79121234567" in outbox_cli.show(cfg)
 
 
 def test_cli_without_outbox(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

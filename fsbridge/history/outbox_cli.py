@@ -73,7 +73,9 @@ def show(cfg: Any) -> str:
                 continue
             c = q.call
             who = f"code {c.manager_code}" if c.manager_code else "no manager"
-            lines.append(f"  {q.external_id}  {crm_date(c.start_us, zone)}  {c.direction} {c.phone}  {who}  "
+            # With tenant files: whose call it is (and so whose CRM refused it).
+            company = f"tenant {c.tenant}  " if c.tenant else ""
+            lines.append(f"  {q.external_id}  {company}{crm_date(c.start_us, zone)}  {c.direction} {c.phone}  {who}  "
                          f"{c.result}  since {when}: {q.reason}")
         if stats.quarantined > len(quarantined):
             lines.append(f"  ... and {stats.quarantined - len(quarantined)} more")
