@@ -456,13 +456,10 @@ class Outbox:
     def recent(self, limit: int, tenant: str | None = None) -> list[tuple[FinishedCall, int]]:
         """The newest `limit` calls (of `tenant` only, unless None; any state) with their state, newest first;
         unreadable payloads skipped."""
+        where, args = ("", ()) if tenant is None else ("WHERE tenant = ? ", (tenant,))
         with self._lock:
-            if tenant is None:
-                rows = self._db.execute("SELECT payload, state FROM calls ORDER BY id DESC LIMIT ?",
-                                        (limit,)).fetchall()
-            else:
-                rows = self._db.execute("SELECT payload, state FROM calls WHERE tenant = ? ORDER BY id DESC LIMIT ?",
-                                        (tenant, limit)).fetchall()
+            rows = self._db.execute(f"SELECT payload, state FROM calls {where}ORDER BY id DESC LIMIT ?",
+                                    (*args, limit)).fetchall()
         out = []
         for payload, state in rows:
             try:

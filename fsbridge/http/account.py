@@ -182,12 +182,8 @@ class AccountPage:
                 f"<style>{_CSS}</style><p class=bad>{e(text)}</p></html>")
         return Response(status, self._headers(None), body.encode())
 
-    def _tenant(self, company: Company) -> str | None:
-        """Whose rows of the shared outbox this page shows: the company's own (None: the single company's, all)."""
-        return None if self.companies.single else company.name
-
     def _quarantined(self, company: Company) -> list[Any]:
-        return company.history.outbox.outbox.quarantined(200, tenant=self._tenant(company))
+        return company.history.outbox.quarantined(200)
 
     def _page(self, company: Company, session: str, message: str, set_cookie: bool = False) -> Response:
         headers = self._headers(company)
@@ -210,9 +206,7 @@ class AccountPage:
     def _status(self, company: Company) -> str:
         state = company.state()
         cards = company.cards
-        # The single company's count is the outbox's own (kept, not counted: cheap during a long outage).
-        pending = company.history.outbox.outbox.levels()[0] if self.companies.single \
-            else company.history.outbox.pending_here()
+        pending = company.history.outbox.pending_here()
         oldest = company.history.outbox.oldest_pending()
         connected = self.fs_connected()
         rows = [
@@ -271,7 +265,7 @@ class AccountPage:
 
     def _calls(self, company: Company) -> str:
         rows = []
-        for call, state in company.history.outbox.outbox.recent(LAST_CALLS, tenant=self._tenant(company)):
+        for call, state in company.history.outbox.recent(LAST_CALLS):
             started = time.strftime("%Y-%m-%d %H:%M", time.localtime(call.start_us / 1e6))
             seconds = (call.end_us - (call.answer_us or call.start_us)) / 1e6
             delivered = {SENT: "delivered", QUARANTINED: "refused"}.get(state, "waiting")

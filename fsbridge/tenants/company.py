@@ -30,7 +30,7 @@ from fsbridge.crm.card_sender import CardSender
 from fsbridge.crm.client import RetailCRM
 from fsbridge.esl.listener import EventListener
 from fsbridge.health import CrmReachability
-from fsbridge.history.outbox import Entry, Outbox
+from fsbridge.history.outbox import Entry, Outbox, Quarantined
 from fsbridge.history.scheduler import FairScheduler
 from fsbridge.http.make_call import MakeCallHandler
 from fsbridge.http.status import StatusHandler
@@ -62,6 +62,14 @@ class TenantOutbox:
     def pending_here(self) -> int:
         """This company's pending calls (the uploader's "waits on the CRM" / "drained" lines count these)."""
         return self.outbox.pending_of(self.tenant)
+
+    def quarantined(self, limit: int | None = None) -> list[Quarantined]:
+        """This company's calls its CRM refused (its account page lists and re-queues these)."""
+        return self.outbox.quarantined(limit, tenant=self.tenant)
+
+    def recent(self, limit: int) -> list[tuple[FinishedCall, int]]:
+        """This company's newest calls (its account page)."""
+        return self.outbox.recent(limit, tenant=self.tenant)
 
     def release(self, rows: Iterable[int]) -> None:
         self.outbox.release(rows)
