@@ -63,9 +63,12 @@ class RateLimiter:
         # monkey-patching this is gevent's cooperative lock.
         self._lock = threading.Lock()
 
+    def _tokens_at(self, now: float) -> float:
+        return min(float(self.burst), self._tokens + (now - self._refilled) * self.rate)
+
     def _wait(self, now: float) -> float:
         """Seconds until a caller may start, as of `now`."""
-        tokens = min(float(self.burst), self._tokens + (now - self._refilled) * self.rate)
+        tokens = self._tokens_at(now)
         wait = 0.0 if tokens >= 1.0 else (1.0 - tokens) * self.interval
         window = self._window
         if window is not None and len(window) == window.maxlen:
@@ -94,8 +97,7 @@ class RateLimiter:
                 self._sleep(wait)
                 now = self._clock()
                 wait = self._wait(now)
-            self._tokens = min(float(self.burst), self._tokens + (now - self._refilled) * self.rate) - 1.0
-            self._tokens = max(self._tokens, 0.0)
+            self._tokens = max(self._tokens_at(now) - 1.0, 0.0)
             self._refilled = now
             if self._window is not None:
                 self._window.append(now)
