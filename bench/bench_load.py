@@ -78,6 +78,7 @@ import yaml  # noqa: E402
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import hub_lag  # noqa: E402
 from tests.conftest import API_KEY, settings  # noqa: E402
 from tests.fakes.esl_captures import load_scenario  # noqa: E402
 from tests.fakes.freeswitch import FreeSwitchSimulator, PlayedCall  # noqa: E402
@@ -530,11 +531,7 @@ class Run:
               f"{m.get_sum('fsbridge_outbox_calls', state='pending'):5.0f}  load {s.load1:.2f}", flush=True)
 
     def hub_lag(self) -> None:
-        while not self._stop:
-            t = time.perf_counter()
-            gevent.sleep(0.005)
-            lag = time.perf_counter() - t - 0.005
-            self.hub_lags.append(lag)
+        hub_lag.watch(self.hub_lags, lambda: self._stop)
 
     def stop(self) -> None:
         self._stop = True

@@ -71,6 +71,7 @@ import gevent.event  # noqa: E402
 import gevent.pool  # noqa: E402
 import yaml  # noqa: E402
 
+from bench import hub_lag  # noqa: E402
 from bench.bench_load import (  # noqa: E402
     CrmSide,
     Fsbridge,
@@ -264,10 +265,7 @@ class Run:
             self.collect()
 
     def hub_lag(self) -> None:
-        while not self._stop:
-            t = time.perf_counter()
-            gevent.sleep(0.005)
-            self.hub_lags.append(time.perf_counter() - t - 0.005)
+        hub_lag.watch(self.hub_lags, lambda: self._stop)
 
     def cpu_share(self, since: float, until: float, who: int = 1) -> float:
         """Share of a core used between `since` and `until`: 1 fsbridge, 2 the fake CRM, 3 this process."""

@@ -34,6 +34,7 @@ import gevent  # noqa: E402
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import hub_lag  # noqa: E402
 from fsbridge.calls.legs import Directory  # noqa: E402
 from fsbridge.calls.model import FinishedCall  # noqa: E402
 from fsbridge.calls.tracker import CallTracker  # noqa: E402
@@ -171,13 +172,6 @@ class _Records(logging.Handler):
         self.records.append(record)
 
 
-def hub_lag(samples: list[float], stop: list[bool]) -> None:
-    while not stop:
-        t = time.perf_counter()
-        gevent.sleep(0.001)
-        samples.append(time.perf_counter() - t - 0.001)
-
-
 def bench_drain(tmp: pathlib.Path, calls: int, concurrency: int) -> float:
     box = fresh_outbox(tmp, "drain.sqlite3")
     for n in range(calls):
@@ -192,7 +186,7 @@ def bench_drain(tmp: pathlib.Path, calls: int, concurrency: int) -> float:
         stop: list[bool] = []
         crm_log = _Records()
         logging.getLogger("fsbridge.crm").addHandler(crm_log)
-        watcher = gevent.spawn(hub_lag, lags, stop)
+        watcher = gevent.spawn(hub_lag.watch, lags, lambda: bool(stop), 0.001)
         start = time.perf_counter()
         uploader.start()
         while box.pending():

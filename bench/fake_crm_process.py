@@ -41,6 +41,8 @@ import gevent  # noqa: E402
 import gevent.lock  # noqa: E402
 from gevent.fileobject import FileObjectPosix  # noqa: E402
 
+from bench import hub_lag  # noqa: E402
+
 EVENT_PATH = "/api/v5/telephony/call/event"
 UPLOAD_PATH = "/api/v5/telephony/calls/upload"
 
@@ -117,10 +119,7 @@ class Reporter:
             self.flush()
 
     def watch_lag(self) -> None:
-        while not self.stopped:
-            t = time.perf_counter()
-            gevent.sleep(0.005)
-            self.lags.append(time.perf_counter() - t - 0.005)
+        hub_lag.watch(self.lags, lambda: self.stopped)
 
 
 def main() -> None:
