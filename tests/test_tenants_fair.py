@@ -245,8 +245,7 @@ def test_periodic_and_switched_off_tenants_keep_their_ways_under_the_scheduler(f
     """What each uploader did on its own still holds with shared workers: a periodic tenant's backlog goes at
     start, then its calls wait for the tick; a tenant retailCRM switched off keeps its calls until it is back
     on; an immediate tenant is served meanwhile."""
-    # A 12 s period: the calls below are played and checked well before its first tick, also on a slow machine
-    # (with 6 s, a CI-like run under load crossed the tick and found a's call already sent).
+    # A 12 s period: the calls below are played and checked well before its first tick, also on a loaded machine.
     files = {"a": tenant_yaml("a", crms("a").url, extra="history: {strategy: periodic, period: 0.2}\n")}
     started = time.monotonic()
     bridge = fleet(("a", "b", "c"), workers=1, backlog={"a": 3}, files=files)
